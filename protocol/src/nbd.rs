@@ -1,0 +1,1 @@
+//! The NBD wire protocol (doc/proto.md of the NetworkBlockDevice/nbd repository), sans-IO.
