@@ -16,6 +16,9 @@
 
 pub mod buf;
 mod sync;
+#[cfg(test)]
+mod tests;
+mod uring;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -142,24 +145,106 @@ pub struct Engine {
     inner: Inner,
     size: u64,
     options: EngineOptions,
+    /// With O_DIRECT (`CacheMode::None`): serialises read-modify-write against the writes it
+    /// could undo. Chosen over a range lock for simplicity: aligned writes and fallocates take
+    /// it shared (they run concurrently with each other, as before); an unaligned write or
+    /// zeroing of a partial block takes it exclusively for its whole read-modify-write, so it
+    /// can neither lose a concurrent write to the blocks it rewrites nor interleave with
+    /// another unaligned write (the result is always one order or the other). The cost is that
+    /// unaligned writes run one at a time and briefly stall aligned ones; clients that honour
+    /// the advertised 4 KiB preferred block size never pay it. tokio's lock is fair, so a
+    /// waiting RMW is not starved by a stream of aligned writes. Reads take no lock.
+    /// Writeback mode never touches it: the kernel handles unaligned I/O there.
+    rmw: tokio::sync::RwLock<()>,
 }
 
 #[derive(Debug)]
 enum Inner {
     Sync(sync::SyncEngine),
+    Uring(uring::UringEngine),
+}
+
+/// Alignment of offsets and lengths under O_DIRECT: at least the logical block size of every
+/// device we expect (512 or 4096), and what `IoBuf` addresses are aligned to.
+const DIRECT_ALIGN: u64 = IO_ALIGN as u64;
+
+fn round_down(x: u64) -> u64 {
+    x / DIRECT_ALIGN * DIRECT_ALIGN
+}
+
+fn round_up(x: u64) -> u64 {
+    x.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN
+}
+
+fn is_aligned(offset: u64, len: u64) -> bool {
+    offset % DIRECT_ALIGN == 0 && len % DIRECT_ALIGN == 0
+}
+
+/// Checks, where the kernel can say (statx STATX_DIOALIGN, Linux 6.1+), that O_DIRECT works
+/// on `path` with [`DIRECT_ALIGN`].
+fn check_direct_alignment(path: &Path) -> Result<(), EngineError> {
+    use rustix::fs::{statx, AtFlags, StatxFlags, CWD};
+    let Ok(st) = statx(CWD, path, AtFlags::empty(), StatxFlags::DIOALIGN) else {
+        return Ok(()); // old kernel: the open (or the first I/O) will tell
+    };
+    if st.stx_mask & StatxFlags::DIOALIGN.bits() == 0 {
+        return Ok(());
+    }
+    let bad = |msg: String| EngineError::Open {
+        path: path.to_path_buf(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, msg),
+    };
+    if st.stx_dio_offset_align == 0 {
+        return Err(bad("the filesystem does not support O_DIRECT (cache mode none); \
+             use cache mode writeback or move the image"
+            .into()));
+    }
+    if u64::from(st.stx_dio_offset_align) > DIRECT_ALIGN
+        || u64::from(st.stx_dio_mem_align) > DIRECT_ALIGN
+    {
+        return Err(bad(format!(
+            "O_DIRECT needs {}-byte offsets and {}-byte buffers, more than the {DIRECT_ALIGN} \
+             supported; use cache mode writeback",
+            st.stx_dio_offset_align, st.stx_dio_mem_align
+        )));
+    }
+    Ok(())
 }
 
 impl Engine {
+    /// Opens the image. With [`EngineKind::Uring`], fails with [`EngineError::Unavailable`]
+    /// when the kernel cannot provide io_uring (there is no silent fallback to sync). With
+    /// [`CacheMode::None`], the image size must be a multiple of 4096.
     pub fn open(path: &Path, options: EngineOptions) -> Result<Arc<Engine>, EngineError> {
+        let direct = options.cache == CacheMode::None;
+        if direct {
+            check_direct_alignment(path)?;
+        }
         let (inner, size) = match options.kind {
-            // io_uring arrives in engine::uring; until then the sync engine serves.
-            EngineKind::Uring | EngineKind::Sync => {
+            EngineKind::Uring => {
+                let e = uring::UringEngine::open(path, options)?;
+                let size = e.size();
+                (Inner::Uring(e), size)
+            }
+            EngineKind::Sync => {
                 let e = sync::SyncEngine::open(path, options)?;
                 let size = e.size();
                 (Inner::Sync(e), size)
             }
         };
-        Ok(Arc::new(Engine { inner, size, options }))
+        if direct && size % DIRECT_ALIGN != 0 {
+            return Err(EngineError::Open {
+                path: path.to_path_buf(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!(
+                        "image size {size} is not a multiple of {DIRECT_ALIGN}, which cache \
+                         mode none (O_DIRECT) needs; use cache mode writeback"
+                    ),
+                ),
+            });
+        }
+        Ok(Arc::new(Engine { inner, size, options, rmw: tokio::sync::RwLock::new(()) }))
     }
 
     /// Size of the image in bytes.
@@ -171,33 +256,76 @@ impl Engine {
         self.options
     }
 
+    fn direct(&self) -> bool {
+        self.options.cache == CacheMode::None
+    }
+
     /// Reads `len` bytes at `offset`.
     pub async fn read(&self, offset: u64, len: usize) -> Result<IoBuf, EngineError> {
-        match &self.inner {
-            Inner::Sync(e) => e.read(offset, len).await,
+        if !self.direct() || is_aligned(offset, len as u64) {
+            return self.raw_read(offset, len).await;
         }
+        // Bounce: read the rounded-out range, copy the asked part out.
+        let start = round_down(offset);
+        let end = round_up(offset + len as u64);
+        let bounce = self.raw_read(start, (end - start) as usize).await?;
+        let skip = (offset - start) as usize;
+        Ok(IoBuf::from_slice(&bounce.as_slice()[skip..skip + len]))
     }
 
     /// Writes all of `buf` at `offset`; with `fua` the data is durable when this returns.
     /// The buffer is handed back so the caller can reuse it.
     pub async fn write(&self, offset: u64, buf: IoBuf, fua: bool) -> Result<IoBuf, EngineError> {
-        match &self.inner {
-            Inner::Sync(e) => e.write(offset, buf, fua).await,
+        if !self.direct() || buf.is_empty() {
+            return self.raw_write(offset, buf, fua).await;
         }
+        if is_aligned(offset, buf.len() as u64) {
+            let _shared = self.rmw.read().await;
+            return self.raw_write(offset, buf, fua).await;
+        }
+        let _exclusive = self.rmw.write().await;
+        self.rmw_locked(offset, buf.as_slice(), fua).await?;
+        Ok(buf)
+    }
+
+    /// Read-modify-write of the blocks around `[offset, offset + data.len())` under O_DIRECT.
+    /// The caller holds `rmw` exclusively. One write of the whole rounded range, so concurrent
+    /// readers see each block either before or after.
+    async fn rmw_locked(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), EngineError> {
+        let end_byte = offset + data.len() as u64;
+        let start = round_down(offset);
+        let end = round_up(end_byte);
+        let mut bounce = IoBuf::zeroed((end - start) as usize);
+        let head_partial = offset != start;
+        let tail_partial = end_byte != end;
+        let one_block = end - start == DIRECT_ALIGN;
+        let block = DIRECT_ALIGN as usize;
+        if head_partial || (one_block && tail_partial) {
+            let head = self.raw_read(start, block).await?;
+            bounce.as_mut_slice()[..block].copy_from_slice(head.as_slice());
+        }
+        if tail_partial && !one_block {
+            let tail = self.raw_read(end - DIRECT_ALIGN, block).await?;
+            let n = bounce.len();
+            bounce.as_mut_slice()[n - block..].copy_from_slice(tail.as_slice());
+        }
+        let skip = (offset - start) as usize;
+        bounce.as_mut_slice()[skip..skip + data.len()].copy_from_slice(data);
+        self.raw_write(start, bounce, fua).await?;
+        Ok(())
     }
 
     /// Makes every completed write (on any connection) durable.
     pub async fn flush(&self) -> Result<(), EngineError> {
         match &self.inner {
             Inner::Sync(e) => e.flush().await,
+            Inner::Uring(e) => e.flush().await,
         }
     }
 
     /// Discards the range (punches a hole); it reads as zeros afterwards.
     pub async fn trim(&self, offset: u64, len: u64) -> Result<(), EngineError> {
-        match &self.inner {
-            Inner::Sync(e) => e.trim(offset, len).await,
-        }
+        self.zero(offset, len, false, false, true).await
     }
 
     /// Makes the range read as zeros. Without `no_hole` it may punch a hole; with `no_hole`
@@ -210,9 +338,49 @@ impl Engine {
         no_hole: bool,
         fast: bool,
     ) -> Result<(), EngineError> {
-        match &self.inner {
-            Inner::Sync(e) => e.write_zeroes(offset, len, no_hole, fast).await,
+        self.zero(offset, len, no_hole, fast, false).await
+    }
+
+    /// Trim and write-zeroes. Under O_DIRECT the aligned middle is fallocated (first, so that
+    /// a `NotFast` failure changes nothing) and partial edge blocks get zeros by RMW.
+    async fn zero(
+        &self,
+        offset: u64,
+        len: u64,
+        no_hole: bool,
+        fast: bool,
+        trim: bool,
+    ) -> Result<(), EngineError> {
+        if len == 0 {
+            return Ok(());
         }
+        if !self.direct() {
+            return self.raw_zero(offset, len, no_hole, fast, trim).await;
+        }
+        let end = offset + len;
+        let (mid_start, mid_end) = (round_up(offset), round_down(end));
+        if mid_start < mid_end {
+            let _shared = self.rmw.read().await;
+            self.raw_zero(mid_start, mid_end - mid_start, no_hole, fast, trim).await?;
+        }
+        let mut edges = Vec::with_capacity(2);
+        if mid_start >= mid_end {
+            edges.push((offset, end)); // within one or two blocks, no whole block inside
+        } else {
+            if offset < mid_start {
+                edges.push((offset, mid_start));
+            }
+            if mid_end < end {
+                edges.push((mid_end, end));
+            }
+        }
+        for (a, b) in edges {
+            // Each edge is a partial block (less than DIRECT_ALIGN bytes).
+            let zeros = vec![0u8; (b - a) as usize];
+            let _exclusive = self.rmw.write().await;
+            self.rmw_locked(a, &zeros, false).await?;
+        }
+        Ok(())
     }
 
     /// Allocation map from `offset`, covering at least one byte and at most `len` bytes
@@ -220,6 +388,7 @@ impl Engine {
     pub async fn allocation(&self, offset: u64, len: u64) -> Result<Vec<Extent>, EngineError> {
         match &self.inner {
             Inner::Sync(e) => e.allocation(offset, len).await,
+            Inner::Uring(e) => e.allocation(offset, len).await,
         }
     }
 
@@ -227,6 +396,37 @@ impl Engine {
     pub async fn cache(&self, offset: u64, len: u64) -> Result<(), EngineError> {
         match &self.inner {
             Inner::Sync(e) => e.cache(offset, len).await,
+            Inner::Uring(e) => e.cache(offset, len).await,
+        }
+    }
+
+    async fn raw_read(&self, offset: u64, len: usize) -> Result<IoBuf, EngineError> {
+        match &self.inner {
+            Inner::Sync(e) => e.read(offset, len).await,
+            Inner::Uring(e) => e.read(offset, len).await,
+        }
+    }
+
+    async fn raw_write(&self, offset: u64, buf: IoBuf, fua: bool) -> Result<IoBuf, EngineError> {
+        match &self.inner {
+            Inner::Sync(e) => e.write(offset, buf, fua).await,
+            Inner::Uring(e) => e.write(offset, buf, fua).await,
+        }
+    }
+
+    async fn raw_zero(
+        &self,
+        offset: u64,
+        len: u64,
+        no_hole: bool,
+        fast: bool,
+        trim: bool,
+    ) -> Result<(), EngineError> {
+        match (&self.inner, trim) {
+            (Inner::Sync(e), true) => e.trim(offset, len).await,
+            (Inner::Sync(e), false) => e.write_zeroes(offset, len, no_hole, fast).await,
+            (Inner::Uring(e), true) => e.trim(offset, len).await,
+            (Inner::Uring(e), false) => e.write_zeroes(offset, len, no_hole, fast).await,
         }
     }
 }
