@@ -167,6 +167,7 @@ enum Inner {
 /// Alignment of offsets and lengths under O_DIRECT: at least the logical block size of every
 /// device we expect (512 or 4096), and what `IoBuf` addresses are aligned to.
 const DIRECT_ALIGN: u64 = IO_ALIGN as u64;
+const _: () = assert!(DIRECT_ALIGN.is_power_of_two());
 
 fn round_down(x: u64) -> u64 {
     x / DIRECT_ALIGN * DIRECT_ALIGN
@@ -177,7 +178,7 @@ fn round_up(x: u64) -> u64 {
 }
 
 fn is_aligned(offset: u64, len: u64) -> bool {
-    offset % DIRECT_ALIGN == 0 && len % DIRECT_ALIGN == 0
+    (offset | len) & (DIRECT_ALIGN - 1) == 0
 }
 
 /// Checks, where the kernel can say (statx STATX_DIOALIGN, Linux 6.1+), that O_DIRECT works
@@ -232,7 +233,7 @@ impl Engine {
                 (Inner::Sync(e), size)
             }
         };
-        if direct && size % DIRECT_ALIGN != 0 {
+        if direct && size & (DIRECT_ALIGN - 1) != 0 {
             return Err(EngineError::Open {
                 path: path.to_path_buf(),
                 source: std::io::Error::new(

@@ -72,7 +72,7 @@ fn open(path: &Path, kind: EngineKind, cache: CacheMode) -> Arc<Engine> {
 /// Bytes that depend on position and seed, so a misplaced or stale write shows.
 fn pattern(offset: u64, len: u64, seed: u8) -> Vec<u8> {
     (offset..offset + len)
-        .map(|p| ((p as u32).wrapping_mul(2_654_435_761) >> 24) as u8 ^ seed | 1)
+        .map(|p| ((((p as u32).wrapping_mul(2_654_435_761) >> 24) as u8) ^ seed) | 1)
         .collect()
 }
 
@@ -321,7 +321,7 @@ fn bench_4k_random_writes() {
                 .map(|t| {
                     let e = e.clone();
                     tokio::spawn(async move {
-                        let mut rng = Rng(0x2545_f491_4f6c_dd1d ^ (t + 1) * 0x9e37_79b9);
+                        let mut rng = Rng(0x2545_f491_4f6c_dd1d ^ ((t + 1) * 0x9e37_79b9));
                         let mut buf = IoBuf::from_slice(&pattern(0, A, t as u8));
                         let mut n = 0u64;
                         while tokio::time::Instant::now() < deadline {
