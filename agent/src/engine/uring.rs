@@ -23,9 +23,11 @@
 //!   in-flight operation complete, reaps its own eventfd read, and exits; the drop joins it.
 //!
 //! Registered buffers are not used: buffers belong to the callers (`IoBuf`s travel with each
-//! request), so fixed buffers would need a copy into a registered pool per request. The
-//! micro-benchmark (`engine::tests::bench_4k_random_writes`, ignored) shows the engine already
-//! at least as fast as the sync one without them.
+//! request), so fixed buffers need a copy into a registered pool per request. Measured with
+//! `engine::tests::bench_4k_random_writes` (4 KiB random writes, 32 in flight, 2-core VM,
+//! ext4 on virtio) using a pool of 255 registered 4 KiB slots: writeback 206k-243k IOPS with
+//! vs 206k-232k without, O_DIRECT 42k-71k with vs 72k-75k without: no gain, so not worth the
+//! copy and the code. The file, by contrast, is registered (saves an fdget per SQE).
 #![allow(unsafe_code)]
 
 use std::collections::VecDeque;
