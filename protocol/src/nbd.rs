@@ -1,1 +1,0 @@
-//! The NBD wire protocol (doc/proto.md of the NetworkBlockDevice/nbd repository), sans-IO.
