@@ -235,7 +235,7 @@ fn meta_contexts() {
     // Before STRUCTURED_REPLY: invalid.
     let (_, out) = feed(&mut hs, &opt(OPT_LIST_META_CONTEXT, &meta_req("a", &[])));
     assert_eq!(&out[12..16], &REP_ERR_INVALID.to_be_bytes());
-    feed(&mut hs, &opt(OPT_STRUCTURED_REPLY, &[]));
+    assert_eq!(feed(&mut hs, &opt(OPT_STRUCTURED_REPLY, &[])).0, Ok(None));
     let (_, out) = feed(&mut hs, &opt(OPT_LIST_META_CONTEXT, &meta_req("a", &["base:"])));
     let mut want = reply(OPT_LIST_META_CONTEXT, REP_META_CONTEXT, b"\0\0\0\0base:allocation");
     want.extend(reply(OPT_LIST_META_CONTEXT, REP_ACK, &[]));
@@ -251,7 +251,7 @@ fn meta_contexts() {
     assert!(n.meta_contexts.is_empty());
     // Truncated query: invalid, not a panic.
     let mut hs = started(HandshakeConfig::default(), 3);
-    feed(&mut hs, &opt(OPT_STRUCTURED_REPLY, &[]));
+    assert_eq!(feed(&mut hs, &opt(OPT_STRUCTURED_REPLY, &[])).0, Ok(None));
     let mut bad = meta_req("a", &["base:allocation"]);
     bad.truncate(bad.len() - 3);
     let (r, out) = feed(&mut hs, &opt(OPT_SET_META_CONTEXT, &bad));
