@@ -164,10 +164,10 @@ async fn run_ops(engines: &[Arc<Engine>], model: &mut [u8], ops: &[Op]) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
 
     #[test]
-    fn engines_match_model(ops in prop::collection::vec(op(), 1..40)) {
+    fn engines_match_model(ops in prop::collection::vec(op(), 1..60)) {
         let dir = tempfile::tempdir_in(direct_dir()).unwrap();
         let paths: Vec<PathBuf> =
             (0..ALL.len()).map(|i| sparse_image(dir.path(), &format!("img{i}"), SIZE)).collect();
