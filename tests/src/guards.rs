@@ -92,7 +92,7 @@ pub struct Mount {
 }
 
 impl Mount {
-    pub fn mount(device: &Path, target: &Path) -> Mount {
+    pub fn new(device: &Path, target: &Path) -> Mount {
         require_tool("mount");
         std::fs::create_dir_all(target).expect("create the mount target");
         run_ok(Command::new("mount").arg(device).arg(target), LIMIT);
