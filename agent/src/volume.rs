@@ -73,7 +73,7 @@ impl VolumeMeta {
     pub fn validate(&self) -> Result<(), VolumeError> {
         validate_name(&self.name)?;
         validate_block_size(u64::from(self.block_size))?;
-        if self.size == 0 || self.size % u64::from(self.block_size) != 0 {
+        if self.size == 0 || !self.size.is_multiple_of(u64::from(self.block_size)) {
             return Err(VolumeError::BadSize { size: self.size, block_size: self.block_size });
         }
         Ok(())
