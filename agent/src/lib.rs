@@ -5,7 +5,9 @@
 //! carries a `// SAFETY:` comment.
 #![deny(unsafe_code)]
 
+pub mod config;
 pub mod engine;
+pub mod nbd;
 pub mod size;
 pub mod stats;
 pub mod volume;

@@ -1,0 +1,260 @@
+//! The agent's TOML configuration.
+//!
+//! ```toml
+//! listen = "127.0.0.1:10809"      # TCP listener (optional)
+//! unix = "/run/blockferry.sock"   # Unix socket listener (optional; at least one listener)
+//!
+//! [tls]                           # optional: enables NBD_OPT_STARTTLS
+//! cert = "server.pem"
+//! key = "server.key"
+//! client-ca = "ca.pem"            # optional: require client certificates signed by this CA
+//! mode = "optional"               # off | optional | required (default: optional)
+//!
+//! [[volume]]
+//! dir = "/var/lib/blockferry/vm1" # export name = the volume's name
+//! read-only = false
+//! cache = "writeback"             # none (O_DIRECT) | writeback
+//! engine = "uring"                # uring | sync
+//! tls = "required"                # overrides [tls] mode for this export
+//! ```
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::engine::{CacheMode, EngineKind};
+use crate::volume::{Volume, VolumeError};
+
+/// TLS policy (server-wide or per volume).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TlsPolicy {
+    Off,
+    #[default]
+    Optional,
+    Required,
+}
+
+impl std::str::FromStr for TlsPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "off" => Ok(TlsPolicy::Off),
+            "optional" => Ok(TlsPolicy::Optional),
+            "required" => Ok(TlsPolicy::Required),
+            _ => Err(format!("unknown TLS mode {s:?}: use off, optional or required")),
+        }
+    }
+}
+
+/// The whole agent configuration.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Config {
+    pub listen: Option<SocketAddr>,
+    pub unix: Option<PathBuf>,
+    pub tls: Option<TlsConfig>,
+    #[serde(default, rename = "volume")]
+    pub volumes: Vec<VolumeConfig>,
+}
+
+/// `[tls]`: server certificate and key (PEM), optional client CA (PEM) and the mode.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
+    #[serde(default)]
+    pub mode: TlsPolicy,
+}
+
+/// One `[[volume]]`: a volume directory served as the export named after the volume.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct VolumeConfig {
+    pub dir: PathBuf,
+    #[serde(default)]
+    pub read_only: bool,
+    #[serde(default)]
+    pub cache: CacheMode,
+    #[serde(default)]
+    pub engine: EngineKind,
+    pub tls: Option<TlsPolicy>,
+}
+
+impl VolumeConfig {
+    pub fn new(dir: impl Into<PathBuf>) -> VolumeConfig {
+        VolumeConfig {
+            dir: dir.into(),
+            read_only: false,
+            cache: CacheMode::default(),
+            engine: EngineKind::default(),
+            tls: None,
+        }
+    }
+}
+
+/// A configuration that cannot be used. Messages say what to change.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: Box<toml::de::Error>,
+    },
+    #[error(
+        "nothing to listen on: set `listen` (e.g. \"127.0.0.1:10809\") or `unix` (a socket path)"
+    )]
+    NoListener,
+    #[error("no volumes: add at least one [[volume]] with a `dir`")]
+    NoVolumes,
+    #[error("volume in {dir}: {source}")]
+    Volume {
+        dir: PathBuf,
+        #[source]
+        source: VolumeError,
+    },
+    #[error("export name {name:?} is used by two volumes ({first} and {second}); rename one with a different volume name")]
+    DuplicateExport { name: String, first: PathBuf, second: PathBuf },
+    #[error(
+        "volume {name:?} has TLS mode {mode:?} but there is no [tls] section with cert and key"
+    )]
+    TlsWithoutCert { name: String, mode: TlsPolicy },
+    #[error("[tls] {what} file {path} does not exist")]
+    TlsFileMissing { what: &'static str, path: PathBuf },
+}
+
+impl Config {
+    /// Parses TOML text; `origin` names it in errors.
+    pub fn from_toml(text: &str, origin: &Path) -> Result<Config, ConfigError> {
+        toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: origin.to_path_buf(), source: Box::new(e) })
+    }
+
+    /// Reads and parses a config file (not yet validated: see [`Config::validate`]).
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        Config::from_toml(&text, path)
+    }
+
+    /// The TLS mode of a volume: its override, else the server-wide mode, else off.
+    pub fn volume_tls(&self, v: &VolumeConfig) -> TlsPolicy {
+        v.tls.or(self.tls.as_ref().map(|t| t.mode)).unwrap_or(TlsPolicy::Off)
+    }
+
+    /// Checks everything that can be checked before binding: a listener, volumes that open,
+    /// unique export names, TLS files. Returns the opened volumes in config order.
+    pub fn validate(&self) -> Result<Vec<Volume>, ConfigError> {
+        if self.listen.is_none() && self.unix.is_none() {
+            return Err(ConfigError::NoListener);
+        }
+        if self.volumes.is_empty() {
+            return Err(ConfigError::NoVolumes);
+        }
+        if let Some(tls) = &self.tls {
+            let files = [
+                ("cert", Some(&tls.cert)),
+                ("key", Some(&tls.key)),
+                ("client-ca", tls.client_ca.as_ref()),
+            ];
+            for (what, path) in files {
+                if let Some(path) = path.filter(|p| !p.exists()) {
+                    return Err(ConfigError::TlsFileMissing { what, path: path.clone() });
+                }
+            }
+        }
+        let mut seen: HashMap<String, PathBuf> = HashMap::new();
+        let mut volumes = Vec::with_capacity(self.volumes.len());
+        for vc in &self.volumes {
+            let volume = Volume::open(&vc.dir)
+                .map_err(|source| ConfigError::Volume { dir: vc.dir.clone(), source })?;
+            let name = volume.meta.name.clone();
+            if let Some(first) = seen.insert(name.clone(), vc.dir.clone()) {
+                return Err(ConfigError::DuplicateExport { name, first, second: vc.dir.clone() });
+            }
+            let mode = self.volume_tls(vc);
+            if mode != TlsPolicy::Off && self.tls.is_none() {
+                return Err(ConfigError::TlsWithoutCert { name, mode });
+            }
+            volumes.push(volume);
+        }
+        Ok(volumes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_full_config() {
+        let text = r#"
+            listen = "127.0.0.1:10809"
+            unix = "/tmp/x.sock"
+            [tls]
+            cert = "c.pem"
+            key = "k.pem"
+            mode = "required"
+            [[volume]]
+            dir = "/v/a"
+            read-only = true
+            cache = "none"
+            engine = "sync"
+            tls = "off"
+            [[volume]]
+            dir = "/v/b"
+        "#;
+        let c = Config::from_toml(text, Path::new("t.toml")).unwrap();
+        assert_eq!(c.volumes.len(), 2);
+        assert!(c.volumes[0].read_only);
+        assert_eq!(c.volumes[0].cache, CacheMode::None);
+        assert_eq!(c.volumes[0].engine, EngineKind::Sync);
+        assert_eq!(c.volume_tls(&c.volumes[0]), TlsPolicy::Off);
+        assert_eq!(c.volume_tls(&c.volumes[1]), TlsPolicy::Required);
+        assert_eq!(c.volumes[1].engine, EngineKind::Uring);
+    }
+
+    #[test]
+    fn rejects_bad_configs_clearly() {
+        let err =
+            |text: &str| Config::from_toml(text, Path::new("t.toml")).unwrap_err().to_string();
+        assert!(err("lisen = \"x\"").contains("unknown field `lisen`"));
+        assert!(
+            err("[[volume]]\ndir = \"/a\"\ncache = \"fast\"").contains("unknown variant `fast`")
+        );
+        assert!(err("listen = \"nope\"").contains("listen"));
+
+        let none = Config::default();
+        assert!(matches!(none.validate(), Err(ConfigError::NoListener)));
+        let tmp = tempfile::tempdir().unwrap();
+        let mut c = Config { listen: Some("127.0.0.1:0".parse().unwrap()), ..Config::default() };
+        assert!(matches!(c.validate(), Err(ConfigError::NoVolumes)));
+        c.volumes.push(VolumeConfig::new(tmp.path().join("missing")));
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("volume create"), "{e}");
+        Volume::create(&tmp.path().join("a/v"), 1 << 20, 4096, None).unwrap();
+        Volume::create(&tmp.path().join("b/v"), 1 << 20, 4096, None).unwrap();
+        c.volumes = vec![
+            VolumeConfig::new(tmp.path().join("a/v")),
+            VolumeConfig::new(tmp.path().join("b/v")),
+        ];
+        assert!(matches!(c.validate(), Err(ConfigError::DuplicateExport { .. })));
+        c.volumes.pop();
+        c.volumes[0].tls = Some(TlsPolicy::Required);
+        assert!(matches!(c.validate(), Err(ConfigError::TlsWithoutCert { .. })));
+        c.volumes[0].tls = None;
+        assert_eq!(c.validate().unwrap().len(), 1);
+    }
+}
