@@ -6,7 +6,10 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
-use blockferry_agent::size::parse_size;
+use blockferry_agent::config::{Config, TlsConfig, TlsPolicy, VolumeConfig};
+use blockferry_agent::engine::{CacheMode, EngineKind};
+use blockferry_agent::nbd::Server;
+use blockferry_agent::size::{format_size, parse_size};
 use blockferry_agent::volume::Volume;
 
 #[derive(Debug, Parser)]
@@ -21,6 +24,84 @@ enum Command {
     /// Create and inspect volumes.
     #[command(subcommand)]
     Volume(VolumeCmd),
+    /// Serve volumes over NBD (the primary-side daemon).
+    Agent(AgentArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct AgentArgs {
+    /// A TOML config file; the other options add to it (volumes) or override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// A volume directory to export (repeatable); the export name is the volume's name.
+    #[arg(long = "volume", value_name = "DIR")]
+    volumes: Vec<PathBuf>,
+    /// TCP address to listen on (port 0: any free port).
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+    /// Unix socket path to listen on.
+    #[arg(long)]
+    unix: Option<PathBuf>,
+    /// Export the --volume volumes read-only.
+    #[arg(long)]
+    read_only: bool,
+    /// Cache mode of the --volume volumes: none (O_DIRECT) or writeback.
+    #[arg(long, default_value = "writeback")]
+    cache: CacheMode,
+    /// Disk engine of the --volume volumes: uring or sync.
+    #[arg(long, default_value = "uring")]
+    engine: EngineKind,
+    /// Server certificate (PEM) for NBD_OPT_STARTTLS.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Server private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+    /// TLS mode: off, optional or required.
+    #[arg(long)]
+    tls: Option<TlsPolicy>,
+}
+
+impl AgentArgs {
+    fn into_config(self) -> Result<Config> {
+        let mut config = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        if self.listen.is_some() {
+            config.listen = self.listen;
+        }
+        if self.unix.is_some() {
+            config.unix = self.unix;
+        }
+        if let (Some(cert), Some(key)) = (self.tls_cert, self.tls_key) {
+            config.tls = Some(TlsConfig {
+                cert,
+                key,
+                client_ca: self.tls_client_ca,
+                mode: self.tls.unwrap_or(TlsPolicy::Optional),
+            });
+        } else if let Some(mode) = self.tls {
+            match &mut config.tls {
+                Some(t) => t.mode = mode,
+                None if mode == TlsPolicy::Off => {}
+                None => anyhow::bail!(
+                    "--tls {mode:?} needs --tls-cert and --tls-key (or [tls] in --config)"
+                ),
+            }
+        }
+        for dir in self.volumes {
+            let mut v = VolumeConfig::new(dir);
+            v.read_only = self.read_only;
+            v.cache = self.cache;
+            v.engine = self.engine;
+            config.volumes.push(v);
+        }
+        Ok(config)
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -48,9 +129,70 @@ enum VolumeCmd {
     },
 }
 
+/// Logs go to stderr (stdout carries the one "listening on" line); RUST_LOG filters them.
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut int), Ok(mut term)) =
+        (signal(SignalKind::interrupt()), signal(SignalKind::terminate()))
+    else {
+        tracing::warn!("cannot install signal handlers; stop the agent with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => tracing::info!("SIGINT received"),
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+    }
+}
+
+fn run_agent(args: AgentArgs) -> Result<()> {
+    init_tracing();
+    let config = args.into_config()?;
+    // Two workers: the data path is a reader and a writer per connection plus short request
+    // tasks; the disk work runs on the engine's own thread (uring) or the blocking pool (sync).
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(32)
+        .thread_keep_alive(std::time::Duration::from_secs(10))
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let server = Server::bind(&config).await?;
+        let mut at = Vec::new();
+        if let Some(addr) = server.local_addr() {
+            at.push(addr.to_string());
+        }
+        if let Some(path) = server.unix_path() {
+            at.push(format!("unix:{}", path.display()));
+        }
+        let exports: Vec<String> = server
+            .exports()
+            .iter()
+            .map(|e| {
+                let mode = if e.read_only { "ro" } else { "rw" };
+                let tls = if e.tls_required { ", tls" } else { "" };
+                format!("export {} {} {mode}{tls}", e.name, format_size(e.size))
+            })
+            .collect();
+        println!("listening on {} ({})", at.join(" and "), exports.join(", "));
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        server.run(shutdown_signal()).await?;
+        anyhow::Ok(())
+    })
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Agent(args) => run_agent(args)?,
         Command::Volume(VolumeCmd::Create { dir, size, block_size, name }) => {
             let size = parse_size(&size).context("--size")?;
             let block_size = parse_size(&block_size).context("--block-size")?;
