@@ -113,7 +113,7 @@ pub const ESHUTDOWN: u32 = 108;
 pub const IO_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The largest reply or option payload this client accepts (a bound, not the server's limit).
-const MAX_ACCEPTED: u32 = 64 << 20;
+const MAX_ACCEPTED: u32 = (64 << 20) + 64;
 
 /// A name for an NBD error value, for messages.
 pub fn errno_name(e: u32) -> &'static str {
