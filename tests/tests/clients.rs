@@ -68,7 +68,6 @@ fn nbdinfo_shows_exports_size_block_sizes_and_flags() {
             ("can_trim", true),
             ("can_zero", true),
             ("can_multi_conn", true),
-            ("can_df", true),
         ] {
             assert_eq!(flag(e, key), want, "{key} with --cache {cache}: {e:#}");
         }

@@ -230,6 +230,22 @@ fn fast_zero(ctx: &Ctx) -> Result<()> {
     c.check_serves(5 << 20, 7)
 }
 
+fn dont_fragment(ctx: &Ctx) -> Result<()> {
+    let mut c = ctx.client()?;
+    let req = Request::new(CMD_READ, 0, 65536).flags(CMD_FLAG_DF);
+    if c.flags & TF_SEND_DF == 0 {
+        call_expect(&mut c, req, &[], &[EINVAL], "read with DF, not advertised")?;
+    } else {
+        call_expect(&mut c, req, &[], &[0], "read with DF, advertised")?;
+    }
+    // DF on a simple-reply connection: the flag is never advertised there.
+    let mut s = ctx.simple_client()?;
+    ensure!(s.flags & TF_SEND_DF == 0, "NBD_FLAG_SEND_DF without structured replies");
+    call_expect(&mut s, req, &[], &[EINVAL], "read with DF without structured replies")?;
+    s.check_serves(5 << 20, 14)?;
+    c.check_serves(5 << 20, 15)
+}
+
 fn offset_length_overflow(ctx: &Ctx) -> Result<()> {
     let mut c = ctx.client()?;
     let off = u64::MAX - 511;
@@ -520,6 +536,7 @@ const CASES: &[Case] = &[
     ("unknown command: EINVAL, next request works", unknown_command),
     ("unknown command flags: EINVAL, payload consumed", unknown_flags),
     ("FAST_ZERO: EINVAL if not advertised, else OK/ENOTSUP", fast_zero),
+    ("DF: EINVAL unless advertised", dont_fragment),
     ("offset+length overflow: EINVAL", offset_length_overflow),
     ("read beyond the end: EINVAL", read_beyond_end),
     ("write beyond the end: ENOSPC, payload consumed", write_beyond_end),
