@@ -12,6 +12,8 @@ use blockferry_agent::nbd::Server;
 use blockferry_agent::size::{format_size, parse_size};
 use blockferry_agent::volume::Volume;
 
+mod demo;
+
 #[derive(Debug, Parser)]
 #[command(name = "blockferry", version, about = "Block-level disaster recovery for virtual disks")]
 struct Cli {
@@ -26,6 +28,8 @@ enum Command {
     Volume(VolumeCmd),
     /// Serve volumes over NBD (the primary-side daemon).
     Agent(AgentArgs),
+    /// Make a 1 GiB demo volume and serve it at nbd://127.0.0.1:10809/demo with live counters.
+    Demo(demo::DemoArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -137,7 +141,7 @@ fn init_tracing() {
 }
 
 /// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut int), Ok(mut term)) =
         (signal(SignalKind::interrupt()), signal(SignalKind::terminate()))
@@ -151,19 +155,23 @@ async fn shutdown_signal() {
     }
 }
 
-fn run_agent(args: AgentArgs) -> Result<()> {
-    init_tracing();
-    let config = args.into_config()?;
-    // Two workers: the data path is a reader and a writer per connection plus short request
-    // tasks; the disk work runs on the engine's own thread (uring) or the blocking pool (sync).
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+/// The agent's runtime. Two workers: the data path is a reader and a writer per connection plus
+/// short request tasks; the disk work runs on the engine's own thread (uring) or the blocking
+/// pool (sync).
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .max_blocking_threads(32)
         .thread_keep_alive(std::time::Duration::from_secs(10))
         .enable_all()
         .build()
-        .context("cannot start the async runtime")?;
-    runtime.block_on(async {
+        .context("cannot start the async runtime")
+}
+
+fn run_agent(args: AgentArgs) -> Result<()> {
+    init_tracing();
+    let config = args.into_config()?;
+    runtime()?.block_on(async {
         let server = Server::bind(&config).await?;
         let mut at = Vec::new();
         if let Some(addr) = server.local_addr() {
@@ -193,6 +201,10 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Agent(args) => run_agent(args)?,
+        Command::Demo(args) => {
+            init_tracing();
+            runtime()?.block_on(demo::run(args))?;
+        }
         Command::Volume(VolumeCmd::Create { dir, size, block_size, name }) => {
             let size = parse_size(&size).context("--size")?;
             let block_size = parse_size(&block_size).context("--block-size")?;
