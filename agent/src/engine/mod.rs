@@ -296,7 +296,7 @@ impl Engine {
         let end_byte = offset + data.len() as u64;
         let start = round_down(offset);
         let end = round_up(end_byte);
-        let mut bounce = IoBuf::zeroed((end - start) as usize);
+        let mut bounce = IoBuf::for_overwrite((end - start) as usize);
         let head_partial = offset != start;
         let tail_partial = end_byte != end;
         let one_block = end - start == DIRECT_ALIGN;

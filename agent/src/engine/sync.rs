@@ -166,7 +166,7 @@ impl SyncEngine {
     pub(super) async fn read(&self, offset: u64, len: usize) -> Result<IoBuf, EngineError> {
         let file = self.file.clone();
         blocking(move || {
-            let mut buf = IoBuf::zeroed(len);
+            let mut buf = IoBuf::for_overwrite(len);
             pread_full(&file, buf.as_mut_slice(), offset)?;
             Ok(buf)
         })

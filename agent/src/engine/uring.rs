@@ -471,7 +471,7 @@ impl UringEngine {
     }
 
     pub(super) async fn read(&self, offset: u64, len: usize) -> Result<IoBuf, EngineError> {
-        let buf = self.call(Op::Read(IoBuf::zeroed(len)), offset).await?;
+        let buf = self.call(Op::Read(IoBuf::for_overwrite(len)), offset).await?;
         Ok(buf.expect("a read hands its buffer back"))
     }
 

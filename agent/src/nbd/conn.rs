@@ -344,7 +344,7 @@ async fn read_payload<R: AsyncRead + Unpin>(
     len: u32,
 ) -> Result<IoBuf, ConnError> {
     let len = len as usize;
-    let mut buf = IoBuf::zeroed(len);
+    let mut buf = IoBuf::for_overwrite(len);
     let have = len.min(rbuf.len());
     buf.as_mut_slice()[..have].copy_from_slice(&rbuf[..have]);
     rbuf.advance(have);
