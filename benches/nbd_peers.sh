@@ -206,9 +206,10 @@ done
 
 # ---- report ---------------------------------------------------------------------------------------
 LOAD="$(cut -d' ' -f1-3 /proc/loadavg)"
-"$PY" - "$OUT_DIR" "$MD" "$SERVERS" "$RUNTIME" "$RAMP" "$LOAD" "$SIZE" <<'EOF'
+REV="$(git -C "$REPO" describe --always --dirty 2>/dev/null || echo unknown)"
+"$PY" - "$OUT_DIR" "$MD" "$SERVERS" "$RUNTIME" "$RAMP" "$LOAD" "$SIZE" "$REV" <<'EOF'
 import json, os, sys, datetime, platform
-out, md_path, servers, runtime, ramp, load, size = sys.argv[1:8]
+out, md_path, servers, runtime, ramp, load, size, rev = sys.argv[1:9]
 servers = servers.split(",")
 label = {"bf-none": "blockferry none/uring", "bf-wb": "blockferry writeback/uring",
          "qemu": "qemu-nbd none/io_uring", "nbdkit": "nbdkit file (page cache)"}
@@ -250,7 +251,7 @@ for wl, _, title in wls:
         rows.append([title, label[s], fnum(r["iops"]), fnum(r["mib"], 1), fnum(r["lat"], 1),
                      fnum(r["p99"], 0), fnum(r["cpu"], 0), rt])
 
-rrows = [["workload", "bf-none / qemu-nbd", "bf-wb / nbdkit", "best blockferry / qemu-nbd"]]
+rrows = [["workload", "bf-none / qemu-nbd", "bf-wb / nbdkit", "best blockferry, either cache mode / qemu-nbd"]]
 for wl, _, title in wls:
     c = []
     for a, b in pairs:
@@ -288,7 +289,7 @@ def md_table(rows):
     return "\n".join(out)
 
 when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-head = (f"{when}, {platform.node()}, {os.cpu_count()} CPUs, {size} image of random data, "
+head = (f"{when}, blockferry {rev}, {os.cpu_count()} CPUs, {size} image of random data, "
         f"fio nbd engine, 1 connection, {runtime} s + {ramp} s ramp per run, load average at end {load}")
 print()
 print(head)
