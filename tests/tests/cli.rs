@@ -15,7 +15,7 @@ fn blockferry_cmd(args: &[&str]) -> Output {
 /// Asserts a failure whose stderr mentions every one of `needles` (case-insensitively).
 fn assert_fails_with(out: &Output, needles: &[&str]) {
     assert!(!out.success(), "expected a failure:\n{out}");
-    assert_eq!(out.status.code(), Some(out.status.code().unwrap_or(-1)), "killed by a signal");
+    assert!(out.status.code().is_some(), "killed by a signal:\n{out}");
     assert!(!out.both().contains("panicked"), "the CLI panicked instead of reporting:\n{out}");
     let text = out.stderr.to_lowercase();
     for n in needles {
