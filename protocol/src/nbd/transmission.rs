@@ -217,9 +217,10 @@ pub fn validate(hdr: &RequestHeader, p: &TransmissionParams) -> Result<Request, 
     let cmd = match hdr.kind {
         CMD_READ => Command::Read,
         CMD_WRITE => Command::Write { fua },
-        // DISC and FLUSH carry no range (offset and length are reserved): nothing more to check.
-        CMD_DISC => return Ok(request(hdr, Command::Disc)),
-        CMD_FLUSH => return Ok(request(hdr, Command::Flush)),
+        // DISC and FLUSH carry no range (offset and length are reserved): they are ignored and
+        // the request says 0/0, so every valid `Request` has an in-range offset + length.
+        CMD_DISC => return Ok(Request { offset: 0, length: 0, ..request(hdr, Command::Disc) }),
+        CMD_FLUSH => return Ok(Request { offset: 0, length: 0, ..request(hdr, Command::Flush) }),
         CMD_TRIM => Command::Trim { fua },
         CMD_CACHE => Command::Cache,
         CMD_WRITE_ZEROES => Command::WriteZeroes {

@@ -187,6 +187,9 @@ proptest! {
         let h = hdr(kind, flags, offset, length);
         match validate(&h, &p) {
             Ok(r) => {
+                // Found by the fuzzer: FLUSH/DISC carry reserved offset/length, which must not
+                // leak into the request as an overflowing range.
+                prop_assert!(r.offset.checked_add(u64::from(r.length)).is_some_and(|e| e <= size));
                 if !matches!(r.command, Command::Flush | Command::Disc) {
                     prop_assert!(offset.checked_add(u64::from(length)).is_some_and(|e| e <= size));
                     if let Some(a) = align {
@@ -199,5 +202,16 @@ proptest! {
             }
             Err(e) => prop_assert!(e.errno() != 0),
         }
+    }
+}
+
+/// Fuzzer regression (protocol/fuzz/regressions/flush-with-overflowing-range): FLUSH and DISC
+/// with garbage in their reserved offset/length validate to an empty range, not an
+/// overflowing one.
+#[test]
+fn flush_and_disc_ignore_reserved_range() {
+    for kind in [CMD_FLUSH, CMD_DISC] {
+        let r = validate(&hdr(kind, 0, u64::MAX, u32::MAX), &params()).unwrap();
+        assert_eq!((r.offset, r.length), (0, 0));
     }
 }
