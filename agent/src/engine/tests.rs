@@ -64,9 +64,14 @@ fn sparse_image(dir: &Path, name: &str, size: u64) -> PathBuf {
     path
 }
 
+/// The writeback fast path (inline page-cache reads and writes) is kept on for the sync engine
+/// and turned off for io_uring, so both the fast path and io_uring's own buffered I/O are
+/// compared against the model.
 fn open(path: &Path, kind: EngineKind, cache: CacheMode) -> Arc<Engine> {
-    Engine::open(path, EngineOptions { kind, cache, read_only: false })
-        .unwrap_or_else(|e| panic!("opening {kind:?}/{cache:?}: {e}"))
+    let e = Engine::open(path, EngineOptions { kind, cache, read_only: false })
+        .unwrap_or_else(|e| panic!("opening {kind:?}/{cache:?}: {e}"));
+    e.set_fast_path(kind == EngineKind::Sync);
+    e
 }
 
 /// Bytes that depend on position and seed, so a misplaced or stale write shows.
