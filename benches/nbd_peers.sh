@@ -2,9 +2,11 @@
 # Side-by-side NBD server benchmark: blockferry against qemu-nbd and nbdkit, on one machine, in one
 # run, with identical data and identical fio jobs (fio's nbd engine, one connection per job).
 #
-#   bash benches/nbd_peers.sh [--quick] [--servers bf-none,bf-wb,qemu,nbdkit] [--no-build] [--keep]
+#   bash benches/nbd_peers.sh [--quick] [--rounds N] [--servers bf-none,bf-wb,qemu,nbdkit] [--no-build] [--keep]
 #
 #   --quick      3 s per run (1 s ramp) instead of 10 s (2 s ramp)
+#   --rounds N   run every workload on every server N times (interleaved) and report the median
+#                run of each: the disk and the machine are noisy, one run is not a figure
 #   --servers    a subset, comma separated (default: all four)
 #   --no-build   use build/release/blockferry as it is
 #   --keep       keep the images in the work directory afterwards
@@ -25,6 +27,7 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 QUICK=0
 BUILD=1
 KEEP=0
+ROUNDS=1
 SERVERS="bf-none,bf-wb,qemu,nbdkit"
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -32,8 +35,10 @@ while [ $# -gt 0 ]; do
         --no-build) BUILD=0 ;;
         --keep) KEEP=1 ;;
         --servers) SERVERS="$2"; shift ;;
+        --rounds) ROUNDS="$2"; shift ;;
+        --rounds=*) ROUNDS="${1#--rounds=}" ;;
         --servers=*) SERVERS="${1#--servers=}" ;;
-        -h|--help) sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,24p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "nbd_peers.sh: unknown argument: $1 (try --help)" >&2; exit 2 ;;
     esac
     shift
@@ -176,27 +181,30 @@ RW[read-1m]=read;           BS[read-1m]=1m;     QD[read-1m]=8
 n=${#SRV_LIST[@]}
 TWIN="$(awk -v r="$RUNTIME" 'BEGIN { printf "%.1f", (r > 1 ? r - 0.6 : r / 2) }')"
 w=0
+for ((round = 1; round <= ROUNDS; round++)); do
 for wl in "${WORKLOADS[@]}"; do
     for ((k = 0; k < n; k++)); do
         s="${SRV_LIST[$(((k + w) % n))]}"
         pid="${PID_OF[$s]}"
         sync  # no dirty pages of the previous run flushing during this one
         kill -0 "$pid" 2>/dev/null || die "$s (pid $pid) died; log: $OUT_DIR/$s.log"
-        log "$wl on $s"
+        log "$wl on $s (round $round of $ROUNDS)"
+        tag="$wl.$s.r$round"
         c0="$(proc_ticks "$pid")"
         # per-thread sample inside the measured window (worker threads may exit at disconnect)
-        ( sleep "$RAMP"; sleep 0.2; thread_ticks "$pid" > "$OUT_DIR/$wl.$s.threads0"
-          sleep "$TWIN"; thread_ticks "$pid" > "$OUT_DIR/$wl.$s.threads1" ) &
+        ( sleep "$RAMP"; sleep 0.2; thread_ticks "$pid" > "$OUT_DIR/$tag.threads0"
+          sleep "$TWIN"; thread_ticks "$pid" > "$OUT_DIR/$tag.threads1" ) &
         sampler=$!
         fio --name="$wl" --ioengine=nbd --uri="${URI[$s]}" --rw="${RW[$wl]}" --bs="${BS[$wl]}" \
             --iodepth="${QD[$wl]}" --numjobs=1 --time_based --runtime="$RUNTIME" --ramp_time="$RAMP" \
-            --randrepeat=0 --output-format=json --output="$OUT_DIR/$wl.$s.json" >/dev/null \
-            || die "fio failed for $wl on $s (see $OUT_DIR/$wl.$s.json, $OUT_DIR/$s.log)"
+            --randrepeat=0 --output-format=json --output="$OUT_DIR/$tag.json" >/dev/null \
+            || die "fio failed for $wl on $s (see $OUT_DIR/$tag.json, $OUT_DIR/$s.log)"
         c1="$(proc_ticks "$pid")"
         wait "$sampler" || true
-        echo "$((c1 - c0)) $(getconf CLK_TCK) $((RUNTIME + RAMP)) $TWIN" > "$OUT_DIR/$wl.$s.cpu"
+        echo "$((c1 - c0)) $(getconf CLK_TCK) $((RUNTIME + RAMP)) $TWIN" > "$OUT_DIR/$tag.cpu"
     done
     w=$((w + 1))
+done
 done
 
 for s in "${SRV_LIST[@]}"; do
@@ -207,25 +215,35 @@ done
 # ---- report ---------------------------------------------------------------------------------------
 LOAD="$(cut -d' ' -f1-3 /proc/loadavg)"
 REV="$(git -C "$REPO" describe --always --dirty 2>/dev/null || echo unknown)"
-"$PY" - "$OUT_DIR" "$MD" "$SERVERS" "$RUNTIME" "$RAMP" "$LOAD" "$SIZE" "$REV" <<'EOF'
+"$PY" - "$OUT_DIR" "$MD" "$SERVERS" "$RUNTIME" "$RAMP" "$LOAD" "$SIZE" "$REV" "$ROUNDS" <<'EOF'
 import json, os, sys, datetime, platform
-out, md_path, servers, runtime, ramp, load, size, rev = sys.argv[1:9]
+out, md_path, servers, runtime, ramp, load, size, rev, rounds = sys.argv[1:10]
+rounds = int(rounds)
 servers = servers.split(",")
 label = {"bf-none": "blockferry none/uring", "bf-wb": "blockferry writeback/uring",
          "qemu": "qemu-nbd none/io_uring", "nbdkit": "nbdkit file (page cache)"}
 wls = [("randwrite-4k", "write", "4k randwrite qd32"), ("randread-4k", "read", "4k randread qd32"),
        ("write-1m", "write", "1M seq write qd8"), ("read-1m", "read", "1M seq read qd8")]
+# With several rounds, each cell shows the run with the median IOPS of that server and workload
+# (ratios are ratios of medians); `tag` remembers which round that was, for the thread profile.
 res = {}
+spread = {}
 for wl, d, _ in wls:
     for s in servers:
-        j = json.load(open(os.path.join(out, f"{wl}.{s}.json")))["jobs"][0]
-        if j.get("error"):
-            raise SystemExit(f"fio error {j['error']} in {wl} on {s}")
-        r = j[d]
-        ticks, hz, secs = (int(x) for x in open(os.path.join(out, f"{wl}.{s}.cpu")).read().split()[:3])
-        res[wl, s] = dict(iops=r["iops"], mib=r["bw_bytes"] / 2**20, lat=r["lat_ns"]["mean"] / 1000,
-                          p99=r["clat_ns"]["percentile"].get("99.000000", 0) / 1000,
-                          cpu=100.0 * ticks / hz / secs)
+        runs = []
+        for rd in range(1, rounds + 1):
+            tag = f"{wl}.{s}.r{rd}"
+            j = json.load(open(os.path.join(out, f"{tag}.json")))["jobs"][0]
+            if j.get("error"):
+                raise SystemExit(f"fio error {j['error']} in {wl} on {s}")
+            r = j[d]
+            ticks, hz, secs = (int(x) for x in open(os.path.join(out, f"{tag}.cpu")).read().split()[:3])
+            runs.append(dict(iops=r["iops"], mib=r["bw_bytes"] / 2**20, lat=r["lat_ns"]["mean"] / 1000,
+                             p99=r["clat_ns"]["percentile"].get("99.000000", 0) / 1000,
+                             cpu=100.0 * ticks / hz / secs, tag=tag))
+        runs.sort(key=lambda x: x["iops"])
+        res[wl, s] = runs[len(runs) // 2]
+        spread[wl, s] = (runs[0]["iops"], runs[-1]["iops"])
 rss = {}
 for line in open(os.path.join(out, "rss.txt")):
     s, k, v = line.split()
@@ -240,7 +258,7 @@ def ratio(wl, a, b):
     return None
 
 pairs = [("bf-none", "qemu"), ("bf-wb", "nbdkit")]
-rows = [["workload", "server", "IOPS", "MiB/s", "mean lat µs", "p99 clat µs", "server CPU %", "ratio vs peer"]]
+rows = [["workload", "server", "IOPS" + (f" (median of {rounds})" if rounds > 1 else ""), "min-max IOPS", "MiB/s", "mean lat µs", "p99 clat µs", "server CPU %", "ratio vs peer"]]
 for wl, _, title in wls:
     for s in servers:
         r = res[wl, s]
@@ -248,7 +266,8 @@ for wl, _, title in wls:
         for a, b in pairs:
             if s == a and ratio(wl, a, b) is not None:
                 rt = f"{ratio(wl, a, b):.2f}x vs {b}"
-        rows.append([title, label[s], fnum(r["iops"]), fnum(r["mib"], 1), fnum(r["lat"], 1),
+        lo, hi = spread[wl, s]
+        rows.append([title, label[s], fnum(r["iops"]), f"{fnum(lo)}-{fnum(hi)}", fnum(r["mib"], 1), fnum(r["lat"], 1),
                      fnum(r["p99"], 0), fnum(r["cpu"], 0), rt])
 
 rrows = [["workload", "bf-none / qemu-nbd", "bf-wb / nbdkit", "best blockferry, either cache mode / qemu-nbd"]]
@@ -290,7 +309,8 @@ def md_table(rows):
 
 when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
 head = (f"{when}, blockferry {rev}, {os.cpu_count()} CPUs, {size} image of random data, "
-        f"fio nbd engine, 1 connection, {runtime} s + {ramp} s ramp per run, load average at end {load}")
+        f"fio nbd engine, 1 connection, {runtime} s + {ramp} s ramp per run, {rounds} round(s) "
+        f"interleaved, load average at end {load}")
 print()
 print(head)
 print()
@@ -306,12 +326,12 @@ with open(os.path.join(out, "threads.txt"), "w") as f:
         for s in servers:
             def load_t(suffix):
                 d = {}
-                for line in open(os.path.join(out, f"{wl}.{s}.{suffix}")):
+                for line in open(os.path.join(out, f"{res[wl, s]['tag']}.{suffix}")):
                     tid, comm, t = line.split()
                     d[tid] = (comm, int(t))
                 return d
             t0, t1 = load_t("threads0"), load_t("threads1")
-            cf = open(os.path.join(out, f"{wl}.{s}.cpu")).read().split()
+            cf = open(os.path.join(out, f"{res[wl, s]['tag']}.cpu")).read().split()
             ticks, hz, secs, win = int(cf[0]), int(cf[1]), int(cf[2]), float(cf[3])
             by = {}
             for tid, (comm, t) in t1.items():
