@@ -104,17 +104,8 @@ pub enum EngineError {
     Shutdown,
 }
 
-/// NBD error numbers (the spec's values, which equal Linux's).
-pub mod errno {
-    pub const EPERM: u32 = 1;
-    pub const EIO: u32 = 5;
-    pub const ENOMEM: u32 = 12;
-    pub const EINVAL: u32 = 22;
-    pub const ENOSPC: u32 = 28;
-    pub const EOVERFLOW: u32 = 75;
-    pub const ENOTSUP: u32 = 95;
-    pub const ESHUTDOWN: u32 = 108;
-}
+/// NBD error numbers (the spec's values, which equal Linux's): the protocol crate's.
+pub use blockferry_protocol::nbd::consts::errno;
 
 impl EngineError {
     /// The NBD error for this failure: disk errors are EIO (never zeros or success), a zeroing
