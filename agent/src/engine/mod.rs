@@ -216,17 +216,15 @@ impl Engine {
         if direct {
             check_direct_alignment(path)?;
         }
-        let (inner, size) = match options.kind {
-            EngineKind::Uring => {
-                let e = uring::UringEngine::open(path, options)?;
-                let size = e.size();
-                (Inner::Uring(e), size)
-            }
-            EngineKind::Sync => {
-                let e = sync::SyncEngine::open(path, options)?;
-                let size = e.size();
-                (Inner::Sync(e), size)
-            }
+        // The image is opened once; the writeback fast path gets a duplicate descriptor of the
+        // same open file (page cache, no O_DIRECT).
+        let file = sync::open_image(path, options)?;
+        let open_err = |source| EngineError::Open { path: path.to_path_buf(), source };
+        let size = file.metadata().map_err(open_err)?.len();
+        let cached = if direct { None } else { Some(file.try_clone().map_err(open_err)?) };
+        let inner = match options.kind {
+            EngineKind::Uring => Inner::Uring(uring::UringEngine::new(file, size)?),
+            EngineKind::Sync => Inner::Sync(sync::SyncEngine::new(file, size)),
         };
         if direct && size & (DIRECT_ALIGN - 1) != 0 {
             return Err(EngineError::Open {
@@ -240,7 +238,6 @@ impl Engine {
                 ),
             });
         }
-        let cached = if direct { None } else { Some(sync::open_image(path, options)?) };
         Ok(Arc::new(Engine {
             inner,
             size,

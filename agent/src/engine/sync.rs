@@ -150,17 +150,9 @@ pub(super) fn zero_range(
 }
 
 impl SyncEngine {
-    pub(super) fn open(path: &Path, options: EngineOptions) -> Result<Self, EngineError> {
-        let file = open_image(path, options)?;
-        let size = file
-            .metadata()
-            .map_err(|source| EngineError::Open { path: path.to_path_buf(), source })?
-            .len();
-        Ok(SyncEngine { file: Arc::new(file), size })
-    }
-
-    pub(super) fn size(&self) -> u64 {
-        self.size
+    /// The engine over `file` (the opened image, `size` bytes).
+    pub(super) fn new(file: File, size: u64) -> Self {
+        SyncEngine { file: Arc::new(file), size }
     }
 
     pub(super) async fn read(&self, offset: u64, len: usize) -> Result<IoBuf, EngineError> {

@@ -33,7 +33,6 @@
 use std::collections::VecDeque;
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::path::Path;
 use std::sync::atomic::{fence, AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -42,8 +41,8 @@ use io_uring::{opcode, squeue, types, IoUring, Probe};
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, oneshot};
 
-use super::sync::{allocation_map, open_image};
-use super::{EngineError, EngineOptions, Extent, IoBuf};
+use super::sync::allocation_map;
+use super::{EngineError, Extent, IoBuf};
 
 /// Submission queue entries (the completion queue gets twice as many).
 const RING_ENTRIES: u32 = 256;
@@ -396,13 +395,8 @@ fn unavailable(what: &str, e: impl std::fmt::Display) -> EngineError {
 }
 
 impl UringEngine {
-    pub(super) fn open(path: &Path, options: EngineOptions) -> Result<Self, EngineError> {
-        let file = open_image(path, options)?;
-        let size = file
-            .metadata()
-            .map_err(|source| EngineError::Open { path: path.to_path_buf(), source })?
-            .len();
-
+    /// Starts the ring thread over `file` (the opened image, `size` bytes).
+    pub(super) fn new(file: File, size: u64) -> Result<Self, EngineError> {
         let ring =
             IoUring::new(RING_ENTRIES).map_err(|e| unavailable("io_uring_setup failed", e))?;
         let mut probe = Probe::new();
@@ -449,10 +443,6 @@ impl UringEngine {
             .spawn(move || state.run())
             .map_err(|e| unavailable("spawning the io_uring thread failed", e))?;
         Ok(UringEngine { tx: Some(tx), shared, thread: Some(thread), file: Arc::new(file), size })
-    }
-
-    pub(super) fn size(&self) -> u64 {
-        self.size
     }
 
     async fn call(&self, op: Op, offset: u64) -> Reply {
