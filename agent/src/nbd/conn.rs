@@ -253,18 +253,26 @@ async fn transmission<S: Transport>(
     result
 }
 
-/// Fills `rbuf` with at least one more byte; `Ok(false)` at EOF, and on server shutdown.
+/// After a WRITE payload of at least this size, the next header is read on its own (no
+/// read-ahead): a stream of large writes would otherwise pull up to [`READ_CHUNK`] of the next
+/// payload into the request buffer and copy it a second time into the payload's `IoBuf`.
+const BIG_PAYLOAD: u32 = 64 * 1024;
+
+/// Fills `rbuf` with at least one more byte and at most `max`; `Ok(false)` at EOF, and on
+/// server shutdown.
 async fn fill<R: AsyncRead + Unpin>(
     reader: &mut R,
     rbuf: &mut BytesMut,
     stop: &mut watch::Receiver<bool>,
+    max: usize,
 ) -> io::Result<bool> {
     rbuf.reserve(READ_CHUNK);
     if *stop.borrow() {
         return Ok(false);
     }
+    let mut limited = (&mut *reader).take(max as u64);
     tokio::select! {
-        r = reader.read_buf(rbuf) => Ok(r? > 0),
+        r = limited.read_buf(rbuf) => Ok(r? > 0),
         _ = stop.changed() => Ok(false),
     }
 }
@@ -278,12 +286,13 @@ async fn read_requests<R: AsyncRead + Unpin>(
     budget: &Arc<Semaphore>,
     stop: &mut watch::Receiver<bool>,
 ) -> Result<(), ConnError> {
+    let mut read_ahead = READ_CHUNK;
     loop {
         let hdr = loop {
             if let Some(h) = RequestHeader::decode(rbuf)? {
                 break h;
             }
-            if !fill(reader, rbuf, stop).await? {
+            if !fill(reader, rbuf, stop, read_ahead).await? {
                 return if rbuf.is_empty() {
                     Ok(())
                 } else {
@@ -299,7 +308,12 @@ async fn read_requests<R: AsyncRead + Unpin>(
         // Backpressure: wait here (not reading) until earlier requests are answered.
         let permit = budget.clone().acquire_many_owned(weight).await.ok();
         let mut payload = None;
-        match payload_action(&hdr, valid.is_ok()) {
+        let action = payload_action(&hdr, valid.is_ok());
+        read_ahead = match action {
+            PayloadAction::Read(len) if len >= BIG_PAYLOAD => REQUEST_HEADER_LEN,
+            _ => READ_CHUNK,
+        };
+        match action {
             PayloadAction::None => {}
             PayloadAction::Read(len) => payload = Some(read_payload(reader, rbuf, len).await?),
             PayloadAction::Discard(len) => discard(reader, rbuf, len).await?,
