@@ -365,7 +365,7 @@ impl Engine {
 
     /// Discards the range (punches a hole); it reads as zeros afterwards.
     pub async fn trim(&self, offset: u64, len: u64) -> Result<(), EngineError> {
-        self.zero(offset, len, false, false, true).await
+        self.zero(offset, len, false, false).await
     }
 
     /// Makes the range read as zeros. Without `no_hole` it may punch a hole; with `no_hole`
@@ -378,7 +378,7 @@ impl Engine {
         no_hole: bool,
         fast: bool,
     ) -> Result<(), EngineError> {
-        self.zero(offset, len, no_hole, fast, false).await
+        self.zero(offset, len, no_hole, fast).await
     }
 
     /// Trim and write-zeroes. Under O_DIRECT the aligned middle is fallocated (first, so that
@@ -389,19 +389,18 @@ impl Engine {
         len: u64,
         no_hole: bool,
         fast: bool,
-        trim: bool,
     ) -> Result<(), EngineError> {
         if len == 0 {
             return Ok(());
         }
         if !self.direct() {
-            return self.raw_zero(offset, len, no_hole, fast, trim).await;
+            return self.raw_zero(offset, len, no_hole, fast).await;
         }
         let end = offset + len;
         let (mid_start, mid_end) = (round_up(offset), round_down(end));
         if mid_start < mid_end {
             let _shared = self.rmw.read().await;
-            self.raw_zero(mid_start, mid_end - mid_start, no_hole, fast, trim).await?;
+            self.raw_zero(mid_start, mid_end - mid_start, no_hole, fast).await?;
         }
         let mut edges = Vec::with_capacity(2);
         if mid_start >= mid_end {
@@ -460,13 +459,10 @@ impl Engine {
         len: u64,
         no_hole: bool,
         fast: bool,
-        trim: bool,
     ) -> Result<(), EngineError> {
-        match (&self.inner, trim) {
-            (Inner::Sync(e), true) => e.trim(offset, len).await,
-            (Inner::Sync(e), false) => e.write_zeroes(offset, len, no_hole, fast).await,
-            (Inner::Uring(e), true) => e.trim(offset, len).await,
-            (Inner::Uring(e), false) => e.write_zeroes(offset, len, no_hole, fast).await,
+        match &self.inner {
+            Inner::Sync(e) => e.write_zeroes(offset, len, no_hole, fast).await,
+            Inner::Uring(e) => e.write_zeroes(offset, len, no_hole, fast).await,
         }
     }
 }

@@ -184,11 +184,6 @@ impl SyncEngine {
         blocking(move || rustix::fs::fdatasync(&*file).map_err(io("flush", 0, 0))).await
     }
 
-    pub(super) async fn trim(&self, offset: u64, len: u64) -> Result<(), EngineError> {
-        let file = self.file.clone();
-        blocking(move || zero_range(&file, offset, len, false, false)).await
-    }
-
     pub(super) async fn write_zeroes(
         &self,
         offset: u64,

@@ -517,10 +517,6 @@ impl UringEngine {
         }
     }
 
-    pub(super) async fn trim(&self, offset: u64, len: u64) -> Result<(), EngineError> {
-        self.write_zeroes(offset, len, false, false).await
-    }
-
     pub(super) async fn allocation(
         &self,
         offset: u64,
