@@ -57,6 +57,8 @@ pub struct Config {
     pub listen: Option<SocketAddr>,
     pub unix: Option<PathBuf>,
     pub tls: Option<TlsConfig>,
+    /// The admin interface (HTTP + JSON on a Unix socket): change tracking, later status.
+    pub admin: Option<PathBuf>,
     #[serde(default, rename = "volume")]
     pub volumes: Vec<VolumeConfig>,
 }
@@ -84,9 +86,55 @@ pub struct VolumeConfig {
     #[serde(default)]
     pub engine: EngineKind,
     pub tls: Option<TlsPolicy>,
+    /// Changed-block tracking (named bitmaps + activity log). On by default.
+    #[serde(default = "yes")]
+    pub change_tracking: bool,
+    /// Bytes of volume per activity-log extent (default 4 MiB).
+    #[serde(default, with = "opt_size")]
+    pub al_extent_size: Option<u64>,
+    /// Extents in the activity log: the hot set (default 1024).
+    pub al_extents: Option<u32>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Sizes in the config may be numbers of bytes or strings with K/M/G/T suffixes.
+mod opt_size {
+    use serde::{Deserialize, Deserializer};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Num(u64),
+        Text(String),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        match Option::<Raw>::deserialize(d)? {
+            None => Ok(None),
+            Some(Raw::Num(n)) => Ok(Some(n)),
+            Some(Raw::Text(t)) => {
+                crate::size::parse_size(&t).map(Some).map_err(serde::de::Error::custom)
+            }
+        }
+    }
 }
 
 impl VolumeConfig {
+    /// The activity-log options of this volume.
+    pub fn tracker_options(&self) -> crate::cbt::TrackerOptions {
+        let mut o = crate::cbt::TrackerOptions::default();
+        if let Some(s) = self.al_extent_size {
+            o.extent_size = s;
+        }
+        if let Some(n) = self.al_extents {
+            o.extents = n;
+        }
+        o
+    }
+
     pub fn new(dir: impl Into<PathBuf>) -> VolumeConfig {
         VolumeConfig {
             dir: dir.into(),
@@ -94,6 +142,9 @@ impl VolumeConfig {
             cache: CacheMode::default(),
             engine: EngineKind::default(),
             tls: None,
+            change_tracking: true,
+            al_extent_size: None,
+            al_extents: None,
         }
     }
 }

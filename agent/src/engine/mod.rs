@@ -102,6 +102,9 @@ pub enum EngineError {
     Unavailable { reason: String },
     #[error("the disk engine has shut down")]
     Shutdown,
+    /// Change tracking could not record the write, so it was not done.
+    #[error(transparent)]
+    Tracking(#[from] crate::cbt::CbtError),
 }
 
 /// NBD error numbers (the spec's values, which equal Linux's): the protocol crate's.
@@ -117,6 +120,7 @@ impl EngineError {
                 errno::ENOSPC
             }
             EngineError::Shutdown => errno::ESHUTDOWN,
+            EngineError::Tracking(e) => e.errno(),
             _ => errno::EIO,
         }
     }

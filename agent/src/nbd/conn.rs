@@ -26,6 +26,7 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
 
 use super::{Export, Exports, Shared, HANDSHAKE_TIMEOUT};
+use crate::cbt::{Tracker, WriteGuard};
 use crate::engine::{Engine, EngineError, IoBuf};
 use crate::stats::IoStats;
 
@@ -202,6 +203,7 @@ enum ContextKind {
 /// What every request task of a connection needs.
 struct Ctx {
     engine: Arc<Engine>,
+    tracker: Option<Arc<Tracker>>,
     stats: Arc<IoStats>,
     contexts: Vec<(u32, ContextKind)>,
 }
@@ -215,7 +217,7 @@ async fn transmission<S: Transport>(
     peer: &str,
 ) -> Result<(), ConnError> {
     let exports: &Exports = &shared.exports;
-    let Export { engine, stats, .. } = &exports.exports[n.export];
+    let Export { engine, stats, tracker, .. } = &exports.exports[n.export];
     info!(%peer, export = %n.name, structured = n.structured_replies, tls = n.tls, "client attached");
     let params = TransmissionParams {
         size: n.size,
@@ -233,7 +235,12 @@ async fn transmission<S: Transport>(
             _ => None,
         })
         .collect();
-    let ctx = Arc::new(Ctx { engine: engine.clone(), stats: stats.clone(), contexts });
+    let ctx = Arc::new(Ctx {
+        engine: engine.clone(),
+        tracker: tracker.clone(),
+        stats: stats.clone(),
+        contexts,
+    });
     let (mut reader, writer) = stream.split();
     let (tx, rx) = mpsc::unbounded_channel();
     let writer = tokio::spawn(write_replies(writer, rx, n.structured_replies));
@@ -413,6 +420,7 @@ async fn execute(req: &Request, payload: Option<IoBuf>, ctx: &Ctx) -> Body {
             }
             Command::Write { fua } => {
                 if let Some(buf) = payload {
+                    let _tracked = track(ctx, offset, u64::from(len)).await?;
                     engine.write(offset, buf, fua).await?;
                 }
                 stats.write(u64::from(len));
@@ -424,6 +432,7 @@ async fn execute(req: &Request, payload: Option<IoBuf>, ctx: &Ctx) -> Body {
                 Ok(Body::Ok)
             }
             Command::Trim { fua } => {
+                let _tracked = track(ctx, offset, u64::from(len)).await?;
                 engine.trim(offset, u64::from(len)).await?;
                 if fua {
                     engine.flush().await?;
@@ -432,6 +441,7 @@ async fn execute(req: &Request, payload: Option<IoBuf>, ctx: &Ctx) -> Body {
                 Ok(Body::Ok)
             }
             Command::WriteZeroes { fua, no_hole, fast } => {
+                let _tracked = track(ctx, offset, u64::from(len)).await?;
                 engine.write_zeroes(offset, u64::from(len), no_hole, fast).await?;
                 if fua {
                     engine.flush().await?;
@@ -460,6 +470,18 @@ async fn execute(req: &Request, payload: Option<IoBuf>, ctx: &Ctx) -> Body {
     }
     .await;
     r.unwrap_or_else(|e| engine_err(stats, req, e))
+}
+
+/// Marks `[offset, offset + len)` changed before the data reaches the disk (DESIGN.md, primary
+/// write path step 3); the guard completes the tracking when the operation is done.
+async fn track(ctx: &Ctx, offset: u64, len: u64) -> Result<Option<WriteGuard<'_>>, EngineError> {
+    match &ctx.tracker {
+        Some(t) if len > 0 => match t.begin_write(offset, len).await {
+            Ok(g) => Ok(Some(g)),
+            Err(e) => Err(EngineError::Tracking(e)),
+        },
+        _ => Ok(None),
+    }
 }
 
 /// `base:allocation` descriptors for `[offset, offset + len)`: holes read as zeros.

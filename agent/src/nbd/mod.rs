@@ -36,6 +36,7 @@ use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 
+use crate::cbt::Tracker;
 use crate::config::{Config, ConfigError, TlsPolicy};
 use crate::engine::{CacheMode, Engine, EngineError, EngineOptions};
 use crate::stats::IoStats;
@@ -64,6 +65,12 @@ pub enum ServeError {
         #[source]
         source: std::io::Error,
     },
+    #[error("volume {name:?}: {source}")]
+    Tracking {
+        name: String,
+        #[source]
+        source: crate::cbt::CbtError,
+    },
     #[error("TLS: {path}: {reason}")]
     Tls { path: PathBuf, reason: String },
 }
@@ -74,6 +81,8 @@ pub struct Export {
     pub volume: Volume,
     pub engine: Arc<Engine>,
     pub stats: Arc<IoStats>,
+    /// Changed-block tracking; `None` when the volume's config turns it off.
+    pub tracker: Option<Arc<Tracker>>,
 }
 
 /// Every export of a server: the handshake's catalog plus what the data path needs.
@@ -160,7 +169,16 @@ impl Server {
                 tls_required,
                 meta_contexts: vec![CONTEXT_BASE_ALLOCATION.to_string()],
             });
-            exports.push(Export { volume, engine, stats: Arc::new(IoStats::default()) });
+            let tracker = if vc.change_tracking {
+                let t = Tracker::open(&volume, vc.tracker_options()).map_err(|source| {
+                    ServeError::Tracking { name: volume.meta.name.clone(), source }
+                })?;
+                Some(t)
+            } else {
+                None
+            };
+            let stats = Arc::new(IoStats::default());
+            exports.push(Export { volume, engine, stats, tracker });
         }
         let handshake = HandshakeConfig {
             tls_available: tls.is_some(),
@@ -215,6 +233,12 @@ impl Server {
         e.descs.iter().position(|d| d.name == name).map(|i| e.exports[i].stats.clone())
     }
 
+    /// The change trackers by volume name (`None`: tracking is off for that volume).
+    pub fn trackers(&self) -> std::collections::BTreeMap<String, Option<Arc<Tracker>>> {
+        let e = &self.shared.exports;
+        e.descs.iter().zip(&e.exports).map(|(d, x)| (d.name.clone(), x.tracker.clone())).collect()
+    }
+
     /// Serves until `shutdown` resolves, then drains and closes every connection.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -255,6 +279,20 @@ impl Server {
         }
         if let Some((_, path)) = &self.unix {
             let _ = std::fs::remove_file(path);
+        }
+        // No request is in flight any more: record a clean stop of change tracking.
+        for x in &self.shared.exports.exports {
+            if let Some(t) = &x.tracker {
+                let t = t.clone();
+                let name = x.volume.meta.name.clone();
+                match tokio::task::spawn_blocking(move || t.close()).await {
+                    Ok(Ok(())) => info!(volume = %name, "change tracking stopped cleanly"),
+                    Ok(Err(e)) => {
+                        warn!(volume = %name, "change tracking did not stop cleanly: {e}")
+                    }
+                    Err(e) => warn!(volume = %name, "change tracking close panicked: {e}"),
+                }
+            }
         }
         Ok(())
     }

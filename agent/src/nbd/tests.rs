@@ -39,6 +39,7 @@ async fn start(
         listen: Some("127.0.0.1:0".parse().unwrap()),
         unix: Some(unix.clone()),
         tls: None,
+        admin: None,
         volumes: vec![vc],
     };
     if let Some((t, mode)) = tls {
