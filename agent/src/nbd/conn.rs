@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
 
 use super::{Export, Exports, Shared, HANDSHAKE_TIMEOUT};
-use crate::cbt::{Tracker, WriteGuard};
+use crate::cbt::{CbtError, Tracker, WriteGuard};
 use crate::engine::{Engine, EngineError, IoBuf};
 use crate::stats::IoStats;
 
@@ -195,9 +195,23 @@ struct Reply {
 }
 
 /// Metadata contexts the data path can answer.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum ContextKind {
     BaseAllocation,
+    /// `qemu:dirty-bitmap:NAME`: change-tracking bitmap NAME of the volume.
+    DirtyBitmap(String),
+}
+
+impl ContextKind {
+    /// The kind of a context the handshake selected (it offers no other names).
+    fn of(name: &str) -> Option<ContextKind> {
+        match name {
+            CONTEXT_BASE_ALLOCATION => Some(ContextKind::BaseAllocation),
+            _ => name
+                .strip_prefix(CONTEXT_DIRTY_BITMAP_PREFIX)
+                .map(|bitmap| ContextKind::DirtyBitmap(bitmap.to_string())),
+        }
+    }
 }
 
 /// What every request task of a connection needs.
@@ -219,22 +233,17 @@ async fn transmission<S: Transport>(
     let exports: &Exports = &shared.exports;
     let Export { engine, stats, tracker, .. } = &exports.exports[n.export];
     info!(%peer, export = %n.name, structured = n.structured_replies, tls = n.tls, "client attached");
+    let contexts: Vec<(u32, ContextKind)> =
+        n.meta_contexts.iter().filter_map(|c| Some((c.id, ContextKind::of(&c.name)?))).collect();
     let params = TransmissionParams {
         size: n.size,
         transmission_flags: n.transmission_flags,
         structured_replies: n.structured_replies,
-        meta_contexts: n.meta_contexts.len(),
+        // One BLOCK_STATUS chunk per context answered.
+        meta_contexts: contexts.len(),
         min_block_size: n.block_size_negotiated.then_some(n.block_sizes.min),
         max_payload: n.block_sizes.max,
     };
-    let contexts = n
-        .meta_contexts
-        .iter()
-        .filter_map(|c| match c.name.as_str() {
-            CONTEXT_BASE_ALLOCATION => Some((c.id, ContextKind::BaseAllocation)),
-            _ => None,
-        })
-        .collect();
     let ctx = Arc::new(Ctx {
         engine: engine.clone(),
         tracker: tracker.clone(),
@@ -460,6 +469,17 @@ async fn execute(req: &Request, payload: Option<IoBuf>, ctx: &Ctx) -> Body {
                         ContextKind::BaseAllocation => {
                             allocation(engine, offset, len, req_one).await?
                         }
+                        ContextKind::DirtyBitmap(name) => {
+                            let tracker = ctx.tracker.as_deref();
+                            match dirty_bitmap(tracker, name, offset, len, req_one) {
+                                Ok(descs) => descs,
+                                Err((errno, msg)) => {
+                                    stats.errors.fetch_add(1, Relaxed);
+                                    debug!(cookie = req.cookie, "BLOCK_STATUS failed: {msg}");
+                                    return Ok(Body::Err { errno, msg });
+                                }
+                            }
+                        }
                     };
                     chunks.push((*id, descs));
                 }
@@ -518,6 +538,71 @@ async fn allocation(
     if descs.is_empty() {
         // Status 0 ("allocated, contents unknown") is always a correct answer.
         descs.push(BlockDescriptor { length: len, flags: 0 });
+    }
+    Ok(descs)
+}
+
+/// `qemu:dirty-bitmap:NAME` descriptors for `[offset, offset + len)`, with qemu's meaning:
+/// flag [`STATE_DIRTY`] on runs that changed since bitmap `name` was created or last cleared, 0
+/// on clean runs. At most one descriptor with REQ_ONE, else at most [`MAX_DESCRIPTORS`]; the
+/// answer may stop short of `len` (the client asks again from there) but never goes past it.
+///
+/// The tracker's lock is held for the length of one `status` call, so this runs inline.
+/// A bitmap removed after the client selected it is an EINVAL error, never a "clean" answer:
+/// a backup tool reading "clean" would skip data that changed.
+fn dirty_bitmap(
+    tracker: Option<&Tracker>,
+    name: &str,
+    offset: u64,
+    len: u32,
+    req_one: bool,
+) -> Result<Vec<BlockDescriptor>, (u32, String)> {
+    let Some(tracker) = tracker else {
+        // Unreachable: bitmaps are offered only for volumes with change tracking.
+        let msg = format!("{CONTEXT_DIRTY_BITMAP_PREFIX}{name}: the volume has no change tracking");
+        return Err((errno::EINVAL, msg));
+    };
+    let max_runs = if req_one { 1 } else { MAX_DESCRIPTORS };
+    let runs = tracker.status(name, offset, u64::from(len), max_runs).map_err(|e| match e {
+        CbtError::NoSuchBitmap { .. } => (
+            e.errno(),
+            format!(
+                "bitmap {name:?} of volume {:?} was removed after this connection selected \
+                 {CONTEXT_DIRTY_BITMAP_PREFIX}{name}; reconnect and select an existing bitmap",
+                tracker.volume()
+            ),
+        ),
+        e => (e.errno(), e.to_string()),
+    })?;
+    // The tracker promises alternating runs inside the range; merging equal neighbours and
+    // cutting at `len` keeps the reply within the spec whatever it returns.
+    let mut descs: Vec<BlockDescriptor> = Vec::new();
+    let mut left = u64::from(len);
+    for (n, dirty) in runs {
+        let n = n.min(left);
+        if n == 0 {
+            continue;
+        }
+        left -= n;
+        let flags = if dirty { STATE_DIRTY } else { 0 };
+        match descs.last_mut() {
+            // n <= len <= u32::MAX, and merged lengths never exceed len.
+            Some(last) if last.flags == flags => last.length += n as u32,
+            _ => {
+                if descs.len() >= max_runs {
+                    break;
+                }
+                descs.push(BlockDescriptor { length: n as u32, flags });
+            }
+        }
+        if left == 0 {
+            break;
+        }
+    }
+    if descs.is_empty() {
+        // The tracker described nothing (it must describe at least one run): "dirty" is the
+        // answer that can only cost a backup extra copying, never a missed change.
+        descs.push(BlockDescriptor { length: len, flags: STATE_DIRTY });
     }
     Ok(descs)
 }

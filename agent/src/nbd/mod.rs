@@ -96,6 +96,18 @@ impl ExportCatalog for Exports {
     fn exports(&self) -> &[ExportDesc] {
         &self.descs
     }
+
+    /// `base:allocation`, then one `qemu:dirty-bitmap:NAME` per bitmap the volume has now
+    /// (bitmaps are created and removed at run time through the admin interface).
+    fn meta_contexts(&self, export: usize) -> Vec<String> {
+        let mut contexts = self.descs[export].meta_contexts.clone();
+        if let Some(t) = &self.exports[export].tracker {
+            let bitmaps = t.list();
+            contexts
+                .extend(bitmaps.iter().map(|b| format!("{CONTEXT_DIRTY_BITMAP_PREFIX}{}", b.name)));
+        }
+        contexts
+    }
 }
 
 /// What callers (CLI, demo, tests) can see of an export.

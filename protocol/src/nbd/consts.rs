@@ -98,8 +98,15 @@ pub const REPLY_TYPE_ERROR_OFFSET: u16 = (1 << 15) + 2;
 pub const STATE_HOLE: u32 = 1 << 0;
 pub const STATE_ZERO: u32 = 1 << 1;
 
+/// `qemu:dirty-bitmap:NAME` status flag (qemu's docs/interop/nbd.rst): set when the extent
+/// is dirty, clear when it is clean.
+pub const STATE_DIRTY: u32 = 1 << 0;
+
 /// The one metadata context the spec defines.
 pub const CONTEXT_BASE_ALLOCATION: &str = "base:allocation";
+/// Prefix of the dirty-bitmap contexts of the `qemu` namespace: `qemu:dirty-bitmap:NAME`
+/// offers bitmap NAME. It is also the LIST query that lists every bitmap (as is `qemu:`).
+pub const CONTEXT_DIRTY_BITMAP_PREFIX: &str = "qemu:dirty-bitmap:";
 
 /// Error values of replies (the spec's, equal to Linux errno values).
 pub mod errno {

@@ -50,8 +50,9 @@ pub struct ExportDesc {
     pub min_block_size: u32,
     /// The client must have started TLS before it may use this export.
     pub tls_required: bool,
-    /// Metadata contexts the export offers (`base:allocation`; later `qemu:dirty-bitmap:NAME`).
-    /// A selected context's id is its index here plus one.
+    /// Metadata contexts the export always offers (`base:allocation`). Contexts that come and
+    /// go at run time (`qemu:dirty-bitmap:NAME`) are added by
+    /// [`ExportCatalog::meta_contexts`].
     pub meta_contexts: Vec<String>,
 }
 
@@ -93,6 +94,15 @@ pub trait ExportCatalog {
         }
         exports.iter().position(|e| e.name == name)
     }
+
+    /// The metadata contexts export `export` (an index from [`ExportCatalog::lookup`]) offers
+    /// now, in the order `NBD_OPT_LIST_META_CONTEXT` lists them. Asked afresh at every
+    /// LIST/SET, so a catalog whose contexts change at run time (dirty bitmaps created and
+    /// removed) answers from its current state; the handshake itself stays free of I/O and
+    /// clocks. Default: the export's static [`ExportDesc::meta_contexts`].
+    fn meta_contexts(&self, export: usize) -> Vec<String> {
+        self.exports()[export].meta_contexts.clone()
+    }
 }
 
 impl ExportCatalog for [ExportDesc] {
@@ -111,11 +121,27 @@ impl<T: ExportCatalog + ?Sized> ExportCatalog for std::sync::Arc<T> {
     fn exports(&self) -> &[ExportDesc] {
         (**self).exports()
     }
+
+    fn lookup(&self, name: &str) -> Option<usize> {
+        (**self).lookup(name)
+    }
+
+    fn meta_contexts(&self, export: usize) -> Vec<String> {
+        (**self).meta_contexts(export)
+    }
 }
 
 impl<T: ExportCatalog + ?Sized> ExportCatalog for &T {
     fn exports(&self) -> &[ExportDesc] {
         (**self).exports()
+    }
+
+    fn lookup(&self, name: &str) -> Option<usize> {
+        (**self).lookup(name)
+    }
+
+    fn meta_contexts(&self, export: usize) -> Vec<String> {
+        (**self).meta_contexts(export)
     }
 }
 
@@ -211,6 +237,11 @@ pub struct ServerHandshake<C> {
     structured: bool,
     /// Contexts chosen by the last SET_META_CONTEXT: (export index, contexts).
     meta: Option<(usize, Vec<MetaContext>)>,
+    /// Context names by id - 1: a name gets the next id the first time a SET selects it and
+    /// keeps it for the whole connection, so ids stay stable while the export's list of
+    /// contexts changes (bitmaps created and removed between two SETs) and an id never
+    /// names two contexts.
+    context_ids: Vec<String>,
 }
 
 fn is_known_option(option: u32) -> bool {
@@ -258,6 +289,7 @@ impl<C: ExportCatalog> ServerHandshake<C> {
             tls: false,
             structured: false,
             meta: None,
+            context_ids: Vec::new(),
         }
     }
 
@@ -566,7 +598,33 @@ impl<C: ExportCatalog> ServerHandshake<C> {
         None
     }
 
+    /// The id of context `name` on this connection (assigned on first use).
+    fn context_id(&mut self, name: &str) -> u32 {
+        let i = match self.context_ids.iter().position(|n| n == name) {
+            Some(i) => i,
+            None => {
+                self.context_ids.push(name.to_string());
+                self.context_ids.len() - 1
+            }
+        };
+        // The table holds only names the catalog offered and a SET selected: it grows with the
+        // bitmaps created during the handshake, not with what the client sends.
+        i as u32 + 1
+    }
+
+    /// `NBD_OPT_LIST_META_CONTEXT` and `NBD_OPT_SET_META_CONTEXT`.
+    ///
+    /// LIST: no query lists every context of the export; a query ending in `:` (`base:`,
+    /// `qemu:`, `qemu:dirty-bitmap:`) lists the contexts it is a prefix of; any other query
+    /// lists the context of that exact name. SET selects exact names only: wildcards and
+    /// unknown names select nothing (the spec: the server MUST ignore unknown leaf names and
+    /// SHOULD NOT let an empty leaf name select). Replies follow the export's order.
     fn meta_context(&mut self, option: u32, payload: &[u8]) {
+        let list = option == OPT_LIST_META_CONTEXT;
+        if !list {
+            // A SET replaces the previous selection even when it fails (spec).
+            self.meta = None;
+        }
         if !self.structured {
             self.error(option, REP_ERR_INVALID, "negotiate NBD_OPT_STRUCTURED_REPLY first");
             return;
@@ -598,31 +656,30 @@ impl<C: ExportCatalog> ServerHandshake<C> {
             self.error(option, REP_ERR_UNKNOWN, &msg);
             return;
         };
-        let desc = &self.catalog.exports()[export];
-        if desc.tls_required && !self.tls {
+        if self.catalog.exports()[export].tls_required && !self.tls {
             self.error(option, REP_ERR_TLS_REQD, "this export requires TLS: use NBD_OPT_STARTTLS");
             return;
         }
-        let list = option == OPT_LIST_META_CONTEXT;
-        let mut chosen: Vec<MetaContext> = Vec::new();
-        for (i, ctx) in desc.meta_contexts.iter().enumerate() {
-            let wanted = if queries.is_empty() {
-                list // LIST with no query lists all; SET with no query selects none
-            } else {
-                queries
-                    .iter()
-                    .any(|q| q == ctx || (list && q.ends_with(':') && ctx.starts_with(q.as_str())))
-            };
-            if wanted {
-                chosen.push(MetaContext { id: i as u32 + 1, name: ctx.clone() });
+        let wanted = |ctx: &str| {
+            if queries.is_empty() {
+                return list; // LIST with no query lists all; SET with no query selects none
             }
-        }
+            queries.iter().any(|q| q == ctx || (list && q.ends_with(':') && ctx.starts_with(q)))
+        };
+        let names: Vec<String> =
+            self.catalog.meta_contexts(export).into_iter().filter(|c| wanted(c)).collect();
+        let mut chosen: Vec<MetaContext> = Vec::with_capacity(names.len());
         let mut data = Vec::with_capacity(64);
-        for ctx in &chosen {
+        for name in names {
+            // LIST replies carry id 0 (the spec: reserved, SHOULD be zero).
+            let id = if list { 0 } else { self.context_id(&name) };
             data.clear();
-            data.put_u32(if list { 0 } else { ctx.id });
-            data.put_slice(ctx.name.as_bytes());
+            data.put_u32(id);
+            data.put_slice(name.as_bytes());
             self.reply(option, REP_META_CONTEXT, &data);
+            if !list {
+                chosen.push(MetaContext { id, name });
+            }
         }
         if !list {
             self.meta = Some((export, chosen));

@@ -333,3 +333,187 @@ fn read_only_export_flags() {
     );
     assert_eq!(n.block_sizes, BlockSizes { min: 512, preferred: 4096, max: MAX_PAYLOAD });
 }
+
+/// A catalog whose contexts change at run time, as the agent's does: export 0 ("a") offers
+/// one `qemu:dirty-bitmap:NAME` per bitmap, in creation order, after `base:allocation`.
+#[derive(Debug)]
+struct Dynamic {
+    exports: Vec<ExportDesc>,
+    bitmaps: std::sync::Mutex<Vec<String>>,
+}
+
+impl Dynamic {
+    fn new(bitmaps: &[&str]) -> std::sync::Arc<Dynamic> {
+        let bitmaps = bitmaps.iter().map(|b| b.to_string()).collect();
+        std::sync::Arc::new(Dynamic { exports: catalog(), bitmaps: std::sync::Mutex::new(bitmaps) })
+    }
+
+    fn create(&self, name: &str) {
+        self.bitmaps.lock().unwrap().push(name.into());
+    }
+
+    fn remove(&self, name: &str) {
+        self.bitmaps.lock().unwrap().retain(|b| b != name);
+    }
+}
+
+impl ExportCatalog for Dynamic {
+    fn exports(&self) -> &[ExportDesc] {
+        &self.exports
+    }
+
+    fn meta_contexts(&self, export: usize) -> Vec<String> {
+        let mut contexts = self.exports[export].meta_contexts.clone();
+        if export == 0 {
+            let bitmaps = self.bitmaps.lock().unwrap();
+            contexts.extend(bitmaps.iter().map(|b| format!("{CONTEXT_DIRTY_BITMAP_PREFIX}{b}")));
+        }
+        contexts
+    }
+}
+
+/// A handshake over `catalog` (held through an `Arc`, as the agent holds it) with structured
+/// replies negotiated.
+fn structured(catalog: &std::sync::Arc<Dynamic>) -> ServerHandshake<std::sync::Arc<Dynamic>> {
+    let mut hs = ServerHandshake::new(catalog.clone(), HandshakeConfig::default());
+    hs.take_output();
+    let mut input = vec![0, 0, 0, 3];
+    input.extend(opt(OPT_STRUCTURED_REPLY, &[]));
+    let (r, out) = feed(&mut hs, &input);
+    assert_eq!((r, out), (Ok(None), reply(OPT_STRUCTURED_REPLY, REP_ACK, &[])));
+    hs
+}
+
+/// Sends a LIST or SET and returns the (id, name) of each context reply; the reply must end
+/// with an ACK.
+fn meta(
+    hs: &mut ServerHandshake<std::sync::Arc<Dynamic>>,
+    option: u32,
+    export: &str,
+    queries: &[&str],
+) -> Vec<(u32, String)> {
+    let (r, out) = feed(hs, &opt(option, &meta_req(export, queries)));
+    assert_eq!(r, Ok(None));
+    let mut p = &out[..];
+    let mut contexts = Vec::new();
+    loop {
+        assert_eq!(p.get_u64(), REPLY_MAGIC);
+        assert_eq!(p.get_u32(), option);
+        let kind = p.get_u32();
+        let len = p.get_u32() as usize;
+        let mut data = &p[..len];
+        p.advance(len);
+        if kind == REP_ACK {
+            assert_eq!(len, 0);
+            assert!(p.is_empty(), "nothing after the ACK");
+            return contexts;
+        }
+        assert_eq!(kind, REP_META_CONTEXT, "reply {kind:#x}: {:?}", String::from_utf8_lossy(data));
+        let id = data.get_u32();
+        contexts.push((id, String::from_utf8(data.to_vec()).unwrap()));
+    }
+}
+
+fn named(contexts: &[(u32, &str)]) -> Vec<(u32, String)> {
+    contexts.iter().map(|(id, n)| (*id, n.to_string())).collect()
+}
+
+#[test]
+fn list_meta_contexts_follows_the_bitmaps() {
+    let cat = Dynamic::new(&["b1", "b2"]);
+    let mut hs = structured(&cat);
+    let all =
+        named(&[(0, "base:allocation"), (0, "qemu:dirty-bitmap:b1"), (0, "qemu:dirty-bitmap:b2")]);
+    assert_eq!(meta(&mut hs, OPT_LIST_META_CONTEXT, "a", &[]), all);
+    let bitmaps = all[1..].to_vec();
+    assert_eq!(meta(&mut hs, OPT_LIST_META_CONTEXT, "a", &["qemu:"]), bitmaps);
+    assert_eq!(meta(&mut hs, OPT_LIST_META_CONTEXT, "a", &["qemu:dirty-bitmap:"]), bitmaps);
+    assert_eq!(meta(&mut hs, OPT_LIST_META_CONTEXT, "a", &["base:"]), all[..1].to_vec());
+    // Several queries: each context once, in the export's order.
+    let q = ["qemu:dirty-bitmap:b2", "base:allocation", "qemu:", "base:allocation"];
+    assert_eq!(meta(&mut hs, OPT_LIST_META_CONTEXT, "a", &q), all);
+    // Exact names; unknown names, partial leaf names and other namespaces list nothing.
+    assert_eq!(
+        meta(&mut hs, OPT_LIST_META_CONTEXT, "a", &["qemu:dirty-bitmap:b2"]),
+        named(&[(0, "qemu:dirty-bitmap:b2")])
+    );
+    let none = ["qemu:dirty-bitmap:b", "qemu:dirty-bitmap:nope", "qemu:dirty", "x-foo:", "b1"];
+    assert_eq!(meta(&mut hs, OPT_LIST_META_CONTEXT, "a", &none), vec![]);
+    // Bitmaps created and removed while the connection negotiates are seen at the next LIST.
+    cat.create("b3");
+    cat.remove("b1");
+    assert_eq!(
+        meta(&mut hs, OPT_LIST_META_CONTEXT, "a", &["qemu:"]),
+        named(&[(0, "qemu:dirty-bitmap:b2"), (0, "qemu:dirty-bitmap:b3")])
+    );
+    // Export "b" has no bitmaps.
+    assert_eq!(meta(&mut hs, OPT_LIST_META_CONTEXT, "b", &["qemu:"]), vec![]);
+    assert_eq!(meta(&mut hs, OPT_LIST_META_CONTEXT, "b", &[]), named(&[(0, "base:allocation")]));
+}
+
+#[test]
+fn set_meta_context_selects_exact_names_with_stable_ids() {
+    let cat = Dynamic::new(&["b1", "b2"]);
+    let mut hs = structured(&cat);
+    // Wildcards and unknown names select nothing.
+    let q = ["qemu:", "qemu:dirty-bitmap:", "base:", "qemu:dirty-bitmap:nope", "x-foo:bar"];
+    assert_eq!(meta(&mut hs, OPT_SET_META_CONTEXT, "a", &q), vec![]);
+    // Exact names: ids in the order names are first selected on this connection.
+    let q = ["qemu:dirty-bitmap:b2", "qemu:", "base:allocation"];
+    let first = named(&[(1, "base:allocation"), (2, "qemu:dirty-bitmap:b2")]);
+    assert_eq!(meta(&mut hs, OPT_SET_META_CONTEXT, "a", &q), first);
+    // Golden bytes of a dirty-bitmap selection.
+    let (_, out) = feed(&mut hs, &opt(OPT_SET_META_CONTEXT, &meta_req("a", &[q[0]])));
+    let mut want = reply(OPT_SET_META_CONTEXT, REP_META_CONTEXT, b"\0\0\0\x02qemu:dirty-bitmap:b2");
+    want.extend(reply(OPT_SET_META_CONTEXT, REP_ACK, &[]));
+    assert_eq!(out, want);
+    // b2 removed, b1 selected for the first time, b3 created: ids stay those of the names.
+    cat.remove("b2");
+    cat.create("b3");
+    let q = ["qemu:dirty-bitmap:b3", "qemu:dirty-bitmap:b2", "qemu:dirty-bitmap:b1"];
+    assert_eq!(
+        meta(&mut hs, OPT_SET_META_CONTEXT, "a", &q),
+        named(&[(3, "qemu:dirty-bitmap:b1"), (4, "qemu:dirty-bitmap:b3")])
+    );
+    // Re-created under the same name: the same id.
+    cat.create("b2");
+    let q = ["qemu:dirty-bitmap:b2", "base:allocation"];
+    let last = named(&[(1, "base:allocation"), (2, "qemu:dirty-bitmap:b2")]);
+    assert_eq!(meta(&mut hs, OPT_SET_META_CONTEXT, "a", &q), last);
+    // GO carries the last selection, with the ids the client was told.
+    let (r, _) = feed(&mut hs, &opt(OPT_GO, &info_req("a", &[])));
+    let Ok(Some(HandshakeEvent::Ready(n))) = r else { panic!("{r:?}") };
+    let got: Vec<(u32, String)> = n.meta_contexts.into_iter().map(|c| (c.id, c.name)).collect();
+    assert_eq!(got, last);
+}
+
+#[test]
+fn set_meta_context_replaces_the_selection_even_when_it_fails() {
+    let cat = Dynamic::new(&["b1"]);
+    for bad in [
+        meta_req("zz", &["base:allocation"]), // unknown export
+        meta_req("a", &["base:allocation"])[..9].to_vec(), // truncated
+    ] {
+        let mut hs = structured(&cat);
+        assert_eq!(
+            meta(&mut hs, OPT_SET_META_CONTEXT, "a", &["qemu:dirty-bitmap:b1"]),
+            named(&[(1, "qemu:dirty-bitmap:b1")])
+        );
+        let (r, out) = feed(&mut hs, &opt(OPT_SET_META_CONTEXT, &bad));
+        assert_eq!(r, Ok(None));
+        assert!(
+            out[12..16] == REP_ERR_UNKNOWN.to_be_bytes()
+                || out[12..16] == REP_ERR_INVALID.to_be_bytes()
+        );
+        let (r, _) = feed(&mut hs, &opt(OPT_GO, &info_req("a", &[])));
+        let Ok(Some(HandshakeEvent::Ready(n))) = r else { panic!("{r:?}") };
+        assert_eq!(n.meta_contexts, vec![], "the failed SET cleared the selection");
+    }
+    // A SET with no query selects nothing, and clears what was selected.
+    let mut hs = structured(&cat);
+    assert_eq!(meta(&mut hs, OPT_SET_META_CONTEXT, "a", &["base:allocation"]).len(), 1);
+    assert_eq!(meta(&mut hs, OPT_SET_META_CONTEXT, "a", &[]), vec![]);
+    let (r, _) = feed(&mut hs, &opt(OPT_GO, &info_req("a", &[])));
+    let Ok(Some(HandshakeEvent::Ready(n))) = r else { panic!("{r:?}") };
+    assert_eq!(n.meta_contexts, vec![]);
+}
