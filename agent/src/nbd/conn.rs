@@ -441,8 +441,10 @@ async fn execute(req: &Request, payload: Option<IoBuf>, ctx: &Ctx) -> Body {
                 Ok(Body::Ok)
             }
             Command::Trim { fua } => {
-                let _tracked = track(ctx, offset, u64::from(len)).await?;
-                engine.trim(offset, u64::from(len)).await?;
+                for (at, n) in pieces(ctx, offset, u64::from(len)) {
+                    let _tracked = track(ctx, at, n).await?;
+                    engine.trim(at, n).await?;
+                }
                 if fua {
                     engine.flush().await?;
                 }
@@ -450,8 +452,10 @@ async fn execute(req: &Request, payload: Option<IoBuf>, ctx: &Ctx) -> Body {
                 Ok(Body::Ok)
             }
             Command::WriteZeroes { fua, no_hole, fast } => {
-                let _tracked = track(ctx, offset, u64::from(len)).await?;
-                engine.write_zeroes(offset, u64::from(len), no_hole, fast).await?;
+                for (at, n) in pieces(ctx, offset, u64::from(len)) {
+                    let _tracked = track(ctx, at, n).await?;
+                    engine.write_zeroes(at, n, no_hole, fast).await?;
+                }
                 if fua {
                     engine.flush().await?;
                 }
@@ -490,6 +494,24 @@ async fn execute(req: &Request, payload: Option<IoBuf>, ctx: &Ctx) -> Body {
     }
     .await;
     r.unwrap_or_else(|e| engine_err(stats, req, e))
+}
+
+/// `[offset, offset + len)` cut where change tracking needs it: a trim or zeroing may cover up
+/// to 4 GiB, more than one tracked request may span ([`Tracker::max_span`]), so it is done in
+/// pieces aligned to that span. Without tracking, one piece.
+fn pieces(ctx: &Ctx, offset: u64, len: u64) -> impl Iterator<Item = (u64, u64)> {
+    let span = ctx.tracker.as_ref().map_or(u64::MAX, |t| t.max_span());
+    let end = offset + len;
+    let mut at = offset;
+    std::iter::from_fn(move || {
+        if at >= end {
+            return None;
+        }
+        let next = if span == u64::MAX { end } else { ((at / span + 1) * span).min(end) };
+        let piece = (at, next - at);
+        at = next;
+        Some(piece)
+    })
 }
 
 /// Marks `[offset, offset + len)` changed before the data reaches the disk (DESIGN.md, primary
