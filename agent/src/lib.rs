@@ -5,6 +5,7 @@
 //! carries a `// SAFETY:` comment.
 #![deny(unsafe_code)]
 
+pub mod admin;
 pub mod cbt;
 pub mod config;
 pub mod engine;

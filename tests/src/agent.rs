@@ -1,4 +1,8 @@
 //! A `blockferry agent` child process, killed when its guard drops.
+//!
+//! Every agent serves an admin socket, as in production: the one [`AgentConfig::admin`] names,
+//! else `<log without extension>.admin.sock` beside its log (never the machine-wide default,
+//! which tests running in parallel would share).
 
 use std::fs::File;
 use std::io::{BufRead, BufReader};
@@ -16,6 +20,8 @@ use crate::bin::blockferry;
 pub struct AgentConfig {
     pub volumes: Vec<PathBuf>,
     pub unix: Option<PathBuf>,
+    /// The admin socket (`--admin`); `None`: beside the log (see the module docs).
+    pub admin: Option<PathBuf>,
     pub read_only: bool,
     /// `none` or `writeback`.
     pub cache: Option<&'static str>,
@@ -39,6 +45,11 @@ impl AgentConfig {
         self
     }
 
+    pub fn admin(mut self, path: &Path) -> Self {
+        self.admin = Some(path.to_path_buf());
+        self
+    }
+
     pub fn read_only(mut self) -> Self {
         self.read_only = true;
         self
@@ -54,7 +65,8 @@ impl AgentConfig {
         self
     }
 
-    /// The command line, with `--listen 127.0.0.1:0`.
+    /// The command line, with `--listen 127.0.0.1:0` (and `--admin` when [`Self::admin`] is
+    /// set; [`Self::start`] always sets it).
     pub fn command(&self) -> Command {
         let mut cmd = Command::new(blockferry());
         cmd.arg("agent");
@@ -64,6 +76,9 @@ impl AgentConfig {
         cmd.args(["--listen", "127.0.0.1:0"]);
         if let Some(u) = &self.unix {
             cmd.arg("--unix").arg(u);
+        }
+        if let Some(a) = &self.admin {
+            cmd.arg("--admin").arg(a);
         }
         if self.read_only {
             cmd.arg("--read-only");
@@ -90,12 +105,16 @@ pub struct Agent {
     child: Child,
     pub addr: SocketAddr,
     pub unix: Option<PathBuf>,
+    /// The admin socket (`blockferry cbt --admin PATH`).
+    pub admin: PathBuf,
     pub log: PathBuf,
     pub listening_line: String,
 }
 
 impl Agent {
     fn start(config: &AgentConfig, log: &Path) -> Agent {
+        let mut config = config.clone();
+        let admin = config.admin.get_or_insert_with(|| log.with_extension("admin.sock")).clone();
         let mut cmd = config.command();
         let log_file = File::create(log).expect("create the agent log");
         let mut child = cmd
@@ -139,6 +158,7 @@ impl Agent {
             child,
             addr,
             unix: config.unix.clone(),
+            admin,
             log: log.to_path_buf(),
             listening_line: line,
         }
@@ -189,6 +209,21 @@ impl Agent {
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
             .map(|kb| kb * 1024)
             .expect("VmHWM in /proc/PID/status")
+    }
+
+    /// Sends SIGTERM (a clean stop) and waits up to `limit` for the exit, panicking (with the
+    /// log) if the agent is still running then.
+    pub fn terminate(mut self, limit: Duration) -> std::process::ExitStatus {
+        let pid = rustix::process::Pid::from_raw(self.pid() as i32).expect("a child pid is > 0");
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM)
+            .expect("send SIGTERM to the agent");
+        match crate::proc::wait_timeout(&mut self.child, limit) {
+            Some(status) => status,
+            None => panic!(
+                "the agent did not exit within {limit:?} of SIGTERM\n--- agent log\n{}",
+                self.log_text()
+            ),
+        }
     }
 
     /// Kills the agent now and waits for it.

@@ -6,12 +6,14 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
+use blockferry_agent::admin::{Admin, AdminVolume, DEFAULT_SOCKET};
 use blockferry_agent::config::{Config, TlsConfig, TlsPolicy, VolumeConfig};
 use blockferry_agent::engine::{CacheMode, EngineKind};
 use blockferry_agent::nbd::Server;
 use blockferry_agent::size::{format_size, parse_size};
 use blockferry_agent::volume::Volume;
 
+mod cbt;
 mod demo;
 
 #[derive(Debug, Parser)]
@@ -28,6 +30,8 @@ enum Command {
     Volume(VolumeCmd),
     /// Serve volumes over NBD (the primary-side daemon).
     Agent(AgentArgs),
+    /// Manage the named change-tracking bitmaps of a running agent (through its admin socket).
+    Cbt(cbt::CbtArgs),
     /// Make a 1 GiB demo volume and serve it at nbd://127.0.0.1:10809/demo with live counters.
     Demo(demo::DemoArgs),
 }
@@ -67,6 +71,13 @@ struct AgentArgs {
     /// TLS mode: off, optional or required.
     #[arg(long)]
     tls: Option<TlsPolicy>,
+    /// The admin socket (HTTP + JSON, mode 0600) that `blockferry cbt` talks to; overrides
+    /// `admin` in --config. Default: /run/blockferry/agent.sock.
+    #[arg(long, value_name = "PATH")]
+    admin: Option<PathBuf>,
+    /// Serve no admin socket.
+    #[arg(long, conflicts_with = "admin")]
+    no_admin: bool,
 }
 
 impl AgentArgs {
@@ -80,6 +91,9 @@ impl AgentArgs {
         }
         if self.unix.is_some() {
             config.unix = self.unix;
+        }
+        if self.admin.is_some() {
+            config.admin = self.admin;
         }
         if let (Some(cert), Some(key)) = (self.tls_cert, self.tls_key) {
             config.tls = Some(TlsConfig {
@@ -170,9 +184,31 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 
 fn run_agent(args: AgentArgs) -> Result<()> {
     init_tracing();
+    let no_admin = args.no_admin;
     let config = args.into_config()?;
     runtime()?.block_on(async {
         let server = Server::bind(&config).await?;
+        let admin = if no_admin {
+            None
+        } else {
+            let path = config.admin.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
+            match Admin::bind(&path, AdminVolume::of_server(&server)) {
+                Ok(admin) => Some(admin),
+                Err(e) => {
+                    // The NBD socket is bound already: do not leave it behind.
+                    if let Some(unix) = server.unix_path() {
+                        let _ = std::fs::remove_file(unix);
+                    }
+                    return Err(e.into());
+                }
+            }
+        };
+        // One signal stops both servers; each drains its own connections.
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            let _ = stop_tx.send(true);
+        });
         let mut at = Vec::new();
         if let Some(addr) = server.local_addr() {
             at.push(addr.to_string());
@@ -189,10 +225,23 @@ fn run_agent(args: AgentArgs) -> Result<()> {
                 format!("export {} {} {mode}{tls}", e.name, format_size(e.size))
             })
             .collect();
-        println!("listening on {} ({})", at.join(" and "), exports.join(", "));
+        let admin_at = match &admin {
+            Some(a) => format!("; admin on {}", a.path().display()),
+            None => String::new(),
+        };
+        println!("listening on {} ({}){admin_at}", at.join(" and "), exports.join(", "));
         use std::io::Write;
         let _ = std::io::stdout().flush();
-        server.run(shutdown_signal()).await?;
+        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        let admin_done = async {
+            if let Some(admin) = admin {
+                admin.run(stopped(stop_rx.clone())).await;
+            }
+        };
+        let (served, ()) = tokio::join!(server.run(stopped(stop_rx.clone())), admin_done);
+        served?;
         anyhow::Ok(())
     })
 }
@@ -201,6 +250,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Agent(args) => run_agent(args)?,
+        Command::Cbt(args) => cbt::run(args)?,
         Command::Demo(args) => {
             init_tracing();
             runtime()?.block_on(demo::run(args))?;
