@@ -153,7 +153,8 @@ pub struct Recovery {
     pub reason: Option<String>,
     /// Bytes added to every bitmap by the widening (activity-log extents, or everything).
     pub widened_bytes: u64,
-    pub millis: u64,
+    /// How long opening took: reading the log and bitmaps, widening, writing back.
+    pub micros: u64,
 }
 
 /// Counters of the tracker.
@@ -396,14 +397,14 @@ impl Tracker {
         };
         let loaded = t.load()?;
         t.recovery = t.recover(loaded, geometry)?;
-        t.recovery.millis = started.elapsed().as_millis() as u64;
+        t.recovery.micros = started.elapsed().as_micros() as u64;
         let r = &t.recovery;
         match &r.reason {
             Some(reason) => {
-                warn!(volume = %t.volume, widened_bytes = r.widened_bytes, millis = r.millis, "change tracking recovered: {reason}")
+                warn!(volume = %t.volume, widened_bytes = r.widened_bytes, micros = r.micros, "change tracking recovered: {reason}")
             }
             None => {
-                info!(volume = %t.volume, millis = r.millis, "change tracking opened after a clean stop")
+                info!(volume = %t.volume, micros = r.micros, "change tracking opened after a clean stop")
             }
         }
         Ok(Arc::new(t))
@@ -612,7 +613,7 @@ impl Tracker {
             clean: clean || reasons.is_empty(),
             reason: (!reasons.is_empty()).then(|| reasons.join("; ")),
             widened_bytes: (widened_blocks * bs).min(self.size),
-            millis: 0,
+            micros: 0,
         })
     }
 
