@@ -28,6 +28,8 @@ pub struct AgentConfig {
     /// `uring` or `sync`.
     pub engine: Option<&'static str>,
     pub extra: Vec<String>,
+    /// Extra environment variables (e.g. `BLOCKFERRY_FAILPOINTS`).
+    pub env: Vec<(String, String)>,
 }
 
 impl AgentConfig {
@@ -90,6 +92,7 @@ impl AgentConfig {
             cmd.args(["--engine", e]);
         }
         cmd.args(&self.extra);
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         cmd
     }
 
@@ -224,6 +227,11 @@ impl Agent {
                 self.log_text()
             ),
         }
+    }
+
+    /// Waits up to `limit` for the agent to exit by itself (e.g. at a fault point).
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        crate::proc::wait_timeout(&mut self.child, limit)
     }
 
     /// Kills the agent now and waits for it.

@@ -5,8 +5,11 @@
 //! that needs the binary runs
 //!
 //! ```text
-//! $CARGO build -p blockferry-tools --bin blockferry [--release]
+//! $CARGO build -p blockferry-tools --bin blockferry --features failpoints [--release]
 //! ```
+//!
+//! (with change tracking's fault points compiled in: they do nothing unless
+//! `BLOCKFERRY_FAILPOINTS` is set, and the crash tests set it)
 //!
 //! in the workspace (a no-op taking well under a second when it is up to date, and never a stale
 //! binary when it is not), with the profile the tests themselves were built with, and then uses
@@ -47,6 +50,8 @@ fn locate_or_build() -> PathBuf {
         "blockferry-tools",
         "--bin",
         "blockferry",
+        "--features",
+        "failpoints",
     ]);
     if release {
         cmd.arg("--release");
@@ -56,7 +61,7 @@ fn locate_or_build() -> PathBuf {
     });
     assert!(
         status.success(),
-        "`cargo build -p blockferry-tools --bin blockferry` ({profile}) failed with {status}; \
+        "`cargo build -p blockferry-tools --bin blockferry --features failpoints` ({profile}) failed with {status}; \
          the end-to-end tests need the binary"
     );
     let target_dir = std::env::var_os("CARGO_TARGET_DIR")

@@ -79,6 +79,99 @@ fn recovery_micros(log: &str) -> Option<u64> {
     line[at..].split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
 }
 
+/// A 1 GiB volume named "vol" with a small activity log, and how to start its agent.
+fn setup(tmp: &std::path::Path) -> AgentConfig {
+    let vol = tmp.join("vol");
+    create_volume(&vol, "1G", &["--name", "vol"]);
+    let config = tmp.join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[volume]]\ndir = {:?}\nal-extents = {AL_EXTENTS}\nal-extent-size = \"4M\"\n",
+            vol.display().to_string()
+        ),
+    )
+    .unwrap();
+    AgentConfig {
+        admin: Some(tmp.join("admin.sock")),
+        extra: vec!["--config".into(), config.display().to_string()],
+        ..AgentConfig::default()
+    }
+}
+
+/// Runs `WRITERS` writers against `addr` until `until` returns (then stops them); returns the
+/// acknowledged blocks.
+fn load(addr: std::net::SocketAddr, seed: u64, until: impl FnOnce()) -> BTreeSet<u64> {
+    let acked = Mutex::new(BTreeSet::new());
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        for w in 0..WRITERS {
+            let (acked, stop) = (&acked, &stop);
+            s.spawn(move || writer(addr, seed ^ (w + 1), stop, acked));
+        }
+        until();
+        stop.store(true, Ordering::Relaxed);
+    });
+    acked.into_inner().unwrap()
+}
+
+/// Crashes exactly between two steps of change tracking's storage (the agent exits at a named
+/// fault point, see `cbt::store::failpoint`), under load; after a restart no acknowledged
+/// write is clean.
+#[test]
+fn crash_at_each_fault_point_misses_no_acknowledged_write() {
+    let points = [
+        ("cbt.al.write", 2),
+        ("cbt.al.sync", 2),
+        ("cbt.al.write", 9),
+        ("cbt.al.sync", 20),
+        ("cbt.page.write", 1),
+        ("cbt.page.sync", 1),
+        ("cbt.page.write", 40),
+        ("cbt.page.sync", 3),
+    ];
+    let tmp = tempdir();
+    let base = setup(tmp.path());
+    let admin = base.admin.clone().unwrap();
+    let log = tmp.path().join("agent.log");
+    {
+        let agent = base.start(&log);
+        cbt(&admin, &["create", "vol", "b"]);
+        agent.terminate(Duration::from_secs(20));
+    }
+    for (i, (point, nth)) in points.into_iter().enumerate() {
+        let mut config = base.clone();
+        config.env.push(("BLOCKFERRY_FAILPOINTS".into(), format!("{point}=exit@{nth}")));
+        let mut agent = config.start(&log);
+        let addr = agent.addr;
+        let mut status = None;
+        let acked = load(addr, 77 + i as u64, || {
+            status = agent.wait_exit(Duration::from_secs(60));
+        });
+        let status = status
+            .unwrap_or_else(|| panic!("{point}@{nth}: the agent never reached the fault point"));
+        assert_eq!(
+            status.code(),
+            Some(86),
+            "{point}@{nth}: the agent should exit at the fault point"
+        );
+        let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(log_text.contains(&format!("failpoint {point}: exit")), "{log_text}");
+        drop(agent);
+        let _agent = base.start(&log);
+        let dirty = dirty_blocks(&admin);
+        let missed = acked.difference(&dirty).count();
+        let extra = dirty.difference(&acked).count() as u64 * BS;
+        eprintln!(
+            "{point}@{nth}: {} acked blocks, {missed} missed, {extra} extra dirty bytes",
+            acked.len()
+        );
+        assert_eq!(missed, 0, "{point}@{nth}: acknowledged blocks are clean after the crash");
+        assert!(extra <= AL_EXTENTS * AL_EXTENT, "{point}@{nth}: {extra} extra dirty bytes");
+        cbt(&admin, &["clear", "vol", "b"]);
+    }
+}
+
 #[test]
 fn kill_9_under_load_misses_no_acknowledged_write() {
     let rounds: u64 =
@@ -92,23 +185,8 @@ fn kill_9_under_load_misses_no_acknowledged_write() {
         });
     eprintln!("kill -9 test: {rounds} rounds, BLOCKFERRY_KILL_SEED={seed}");
     let tmp = tempdir();
-    let vol = tmp.path().join("vol");
-    create_volume(&vol, "1G", &["--name", "vol"]);
-    let config = tmp.path().join("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[[volume]]\ndir = {:?}\nal-extents = {AL_EXTENTS}\nal-extent-size = \"4M\"\n",
-            vol.display().to_string()
-        ),
-    )
-    .unwrap();
-    let admin = tmp.path().join("admin.sock");
-    let agent_config = AgentConfig {
-        admin: Some(admin.clone()),
-        extra: vec!["--config".into(), config.display().to_string()],
-        ..AgentConfig::default()
-    };
+    let agent_config = setup(tmp.path());
+    let admin = agent_config.admin.clone().unwrap();
     let log = tmp.path().join("agent.log");
     let mut agent = agent_config.start(&log);
     cbt(&admin, &["create", "vol", "b"]);
@@ -124,21 +202,12 @@ fn kill_9_under_load_misses_no_acknowledged_write() {
     for round in 0..rounds {
         let round_seed = rng.next_u64();
         let run_for = Duration::from_millis(100 + round_seed % 900);
-        let acked = Mutex::new(BTreeSet::new());
-        let stop = AtomicBool::new(false);
-        let addr = agent.addr;
-        std::thread::scope(|s| {
-            for w in 0..WRITERS {
-                let (acked, stop) = (&acked, &stop);
-                s.spawn(move || writer(addr, round_seed ^ (w + 1), stop, acked));
-            }
+        let pid = rustix::process::Pid::from_raw(agent.pid() as i32).unwrap();
+        let acked = load(agent.addr, round_seed, || {
             std::thread::sleep(run_for);
             // SIGKILL while the writers have requests in flight.
-            let pid = rustix::process::Pid::from_raw(agent.pid() as i32).unwrap();
             rustix::process::kill_process(pid, rustix::process::Signal::KILL).unwrap();
-            stop.store(true, Ordering::Relaxed);
         });
-        let acked = acked.into_inner().unwrap();
         let t0 = Instant::now();
         agent = agent_config.start(&log);
         restart.push(t0.elapsed());
