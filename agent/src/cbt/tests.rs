@@ -391,3 +391,38 @@ fn bad_options_are_refused_clearly() {
     assert!(e.to_string().contains("at least 128 MiB"), "{e}");
     TrackerOptions::default().validate(4096).unwrap();
 }
+
+/// Changed extents coalesce across bitmap-page boundaries and activity-log extent boundaries,
+/// and a range that starts or ends inside a block reports whole blocks.
+#[test]
+fn extents_coalesce_across_page_and_log_extent_boundaries() {
+    let size = 3 * bitmap::PAGE_BITS * BS;
+    let vol = volume(std::path::Path::new("/nowhere"), size);
+    let t = Tracker::open_with(&vol, SMALL, Arc::new(SimStorage::new())).unwrap();
+    t.create("a").unwrap();
+    let page = bitmap::PAGE_BITS * BS; // 127 MiB: not a multiple of the 64 KiB log extent
+    let ext = SMALL.extent_size;
+    // Two writes that meet at a page boundary, two that meet at a log-extent boundary.
+    drop(t.begin_write_inline(page - 3 * BS, 3 * BS).unwrap());
+    drop(t.begin_write_inline(page, 5 * BS).unwrap());
+    drop(t.begin_write_inline(10 * ext - BS, BS).unwrap());
+    drop(t.begin_write_inline(10 * ext, 100).unwrap());
+    let e = t.extents("a").unwrap();
+    assert_eq!(
+        e,
+        vec![
+            ByteExtent { offset: 10 * ext - BS, length: 2 * BS },
+            ByteExtent { offset: page - 3 * BS, length: 8 * BS },
+        ]
+    );
+    // Status over a range starting mid-block reports from the range's start.
+    assert_eq!(t.status("a", 10 * ext - 100, 300, 8).unwrap(), vec![(300, true)]);
+    assert_eq!(
+        t.status("a", page - 4 * BS, 10 * BS, 8).unwrap(),
+        vec![(BS, false), (8 * BS, true), (BS, false)]
+    );
+    // The last block of the volume.
+    drop(t.begin_write_inline(size - 1, 1).unwrap());
+    assert_eq!(t.extents("a").unwrap().last(), Some(&ByteExtent { offset: size - BS, length: BS }));
+    assert_eq!(t.names(), vec!["a".to_string()]);
+}

@@ -102,9 +102,7 @@ impl ExportCatalog for Exports {
     fn meta_contexts(&self, export: usize) -> Vec<String> {
         let mut contexts = self.descs[export].meta_contexts.clone();
         if let Some(t) = &self.exports[export].tracker {
-            let bitmaps = t.list();
-            contexts
-                .extend(bitmaps.iter().map(|b| format!("{CONTEXT_DIRTY_BITMAP_PREFIX}{}", b.name)));
+            contexts.extend(t.names().iter().map(|n| format!("{CONTEXT_DIRTY_BITMAP_PREFIX}{n}")));
         }
         contexts
     }
