@@ -194,6 +194,11 @@ fn bitmap_file(name: &str) -> String {
     format!("{BITMAP_PREFIX}{name}{BITMAP_SUFFIX}")
 }
 
+fn next_bitmap_id() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -201,6 +206,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// One named bitmap: its bits and where each page's newest copy is on disk.
 #[derive(Debug)]
 struct Named {
+    /// Unique in this process: a bitmap removed and created again under the same name is
+    /// another bitmap (an NBD connection that selected the old one must not read the new one).
+    id: u64,
     name: String,
     file: String,
     bits: Bitmap,
@@ -536,6 +544,7 @@ impl Tracker {
             }
         }
         Ok(Named {
+            id: next_bitmap_id(),
             name: name.to_string(),
             file: file.to_string(),
             bits,
@@ -1054,6 +1063,7 @@ impl Tracker {
             .create_atomic(&file, &data)
             .map_err(|e| self.io_err("cannot create", &file, e))?;
         let named = Arc::new(Named {
+            id: next_bitmap_id(),
             name: name.to_string(),
             file,
             bits,
@@ -1070,6 +1080,12 @@ impl Tracker {
     pub fn list(&self) -> Vec<BitmapInfo> {
         let bitmaps = self.bitmaps.read().unwrap_or_else(|e| e.into_inner());
         bitmaps.values().map(|b| self.describe(b)).collect()
+    }
+
+    /// The identity of bitmap `name` now (unique in this process, never 0), to tell it from a
+    /// bitmap created later under the same name (see [`Tracker::status_of`]).
+    pub fn bitmap_id(&self, name: &str) -> Option<u64> {
+        self.named(name).ok().map(|b| b.id)
     }
 
     /// The bitmaps' names (cheaper than [`Tracker::list`], which counts dirty bits).
@@ -1136,7 +1152,23 @@ impl Tracker {
         len: u64,
         max_runs: usize,
     ) -> Result<Vec<(u64, bool)>, CbtError> {
+        self.status_of(name, None, offset, len, max_runs)
+    }
+
+    /// [`Tracker::status`] of the bitmap whose [`Tracker::bitmap_id`] was `id`: if `name` has
+    /// been removed (and perhaps created again) since, `NoSuchBitmap`.
+    pub fn status_of(
+        &self,
+        name: &str,
+        id: Option<u64>,
+        offset: u64,
+        len: u64,
+        max_runs: usize,
+    ) -> Result<Vec<(u64, bool)>, CbtError> {
         let b = self.named(name)?;
+        if id.is_some_and(|id| id != b.id) {
+            return Err(self.no_such(name));
+        }
         let bs = u64::from(self.block_size);
         let end = (offset + len).min(self.size);
         if offset >= end {

@@ -198,18 +198,21 @@ struct Reply {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum ContextKind {
     BaseAllocation,
-    /// `qemu:dirty-bitmap:NAME`: change-tracking bitmap NAME of the volume.
-    DirtyBitmap(String),
+    /// `qemu:dirty-bitmap:NAME`: change-tracking bitmap NAME of the volume, and the identity
+    /// it had when the client attached (0: it did not exist then), so a bitmap removed and
+    /// created again under the same name is not mistaken for the one the client selected.
+    DirtyBitmap(String, u64),
 }
 
 impl ContextKind {
     /// The kind of a context the handshake selected (it offers no other names).
-    fn of(name: &str) -> Option<ContextKind> {
+    fn of(name: &str, tracker: Option<&Tracker>) -> Option<ContextKind> {
         match name {
             CONTEXT_BASE_ALLOCATION => Some(ContextKind::BaseAllocation),
-            _ => name
-                .strip_prefix(CONTEXT_DIRTY_BITMAP_PREFIX)
-                .map(|bitmap| ContextKind::DirtyBitmap(bitmap.to_string())),
+            _ => name.strip_prefix(CONTEXT_DIRTY_BITMAP_PREFIX).map(|bitmap| {
+                let id = tracker.and_then(|t| t.bitmap_id(bitmap)).unwrap_or(0);
+                ContextKind::DirtyBitmap(bitmap.to_string(), id)
+            }),
         }
     }
 }
@@ -233,8 +236,11 @@ async fn transmission<S: Transport>(
     let exports: &Exports = &shared.exports;
     let Export { engine, stats, tracker, .. } = &exports.exports[n.export];
     info!(%peer, export = %n.name, structured = n.structured_replies, tls = n.tls, "client attached");
-    let contexts: Vec<(u32, ContextKind)> =
-        n.meta_contexts.iter().filter_map(|c| Some((c.id, ContextKind::of(&c.name)?))).collect();
+    let contexts: Vec<(u32, ContextKind)> = n
+        .meta_contexts
+        .iter()
+        .filter_map(|c| Some((c.id, ContextKind::of(&c.name, tracker.as_deref())?)))
+        .collect();
     let params = TransmissionParams {
         size: n.size,
         transmission_flags: n.transmission_flags,
@@ -473,9 +479,9 @@ async fn execute(req: &Request, payload: Option<IoBuf>, ctx: &Ctx) -> Body {
                         ContextKind::BaseAllocation => {
                             allocation(engine, offset, len, req_one).await?
                         }
-                        ContextKind::DirtyBitmap(name) => {
+                        ContextKind::DirtyBitmap(name, bitmap_id) => {
                             let tracker = ctx.tracker.as_deref();
-                            match dirty_bitmap(tracker, name, offset, len, req_one) {
+                            match dirty_bitmap(tracker, name, *bitmap_id, offset, len, req_one) {
                                 Ok(descs) => descs,
                                 Err((errno, msg)) => {
                                     stats.errors.fetch_add(1, Relaxed);
@@ -575,6 +581,7 @@ async fn allocation(
 fn dirty_bitmap(
     tracker: Option<&Tracker>,
     name: &str,
+    bitmap_id: u64,
     offset: u64,
     len: u32,
     req_one: bool,
@@ -585,12 +592,13 @@ fn dirty_bitmap(
         return Err((errno::EINVAL, msg));
     };
     let max_runs = if req_one { 1 } else { MAX_DESCRIPTORS };
-    let runs = tracker.status(name, offset, u64::from(len), max_runs).map_err(|e| match e {
+    let runs = tracker.status_of(name, Some(bitmap_id), offset, u64::from(len), max_runs);
+    let runs = runs.map_err(|e| match e {
         CbtError::NoSuchBitmap { .. } => (
             e.errno(),
             format!(
-                "bitmap {name:?} of volume {:?} was removed after this connection selected \
-                 {CONTEXT_DIRTY_BITMAP_PREFIX}{name}; reconnect and select an existing bitmap",
+                "bitmap {name:?} of volume {:?} was removed (or replaced) after this connection \
+                 selected {CONTEXT_DIRTY_BITMAP_PREFIX}{name}; reconnect and select an existing bitmap",
                 tracker.volume()
             ),
         ),

@@ -526,6 +526,11 @@ async fn dirty_bitmap_contexts_listed_selected_and_answered() {
     let (errno, msg) = st.unwrap_err();
     assert_eq!(errno, errno::EINVAL);
     assert!(msg.contains("\"b1\"") && msg.contains("removed"), "{msg}");
+    // Created again under the same name: another bitmap, still an error on this connection.
+    tracker.create("b1").unwrap();
+    let (errno, _) = block_status(&mut s, &mut buf, 0, 0, 4096).await.unwrap_err();
+    assert_eq!(errno, errno::EINVAL);
+    tracker.remove("b1").unwrap();
     s.write_all(&req(CMD_READ, 0, 8, 6 * M, 512)).await.unwrap();
     let (_, payload) = reply(&mut s, &mut buf, None).await;
     assert!(payload[8..].iter().all(|b| *b == 6));
