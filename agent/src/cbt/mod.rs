@@ -9,8 +9,9 @@
 //!   that adds it (the committer thread batches every waiting write into one transaction and
 //!   one fdatasync), evicting the least recently used extents, whose bitmap bits are written to
 //!   disk first if they changed since the last write-back.
-//! - Bitmap pages are written back lazily by the committer (every [`WRITE_BACK_INTERVAL`], and
-//!   before an eviction needs them), only dirty pages, never on the write path.
+//! - Bitmap pages are written back lazily by the committer (every [`WRITE_BACK_INTERVAL`] once
+//!   the log is full, and before an eviction needs them), only dirty pages, never on the write
+//!   path.
 //! - After an unclean stop, dirty = persisted bitmap ∪ every extent of the newest activity-log
 //!   transaction; a clean stop ([`Tracker::close`]) records that no widening is needed. A missing
 //!   or corrupt log or bitmap header makes the bitmap all dirty; a page whose two copies are both
@@ -995,7 +996,22 @@ impl Tracker {
         Ok(())
     }
 
-    /// The committer's periodic write-back.
+    /// The committer's periodic write-back, done only when the log has no free slot: then the
+    /// next admission must evict, and finds its victims already written back. While the log
+    /// has free slots nothing is evicted, and a write-back would only add fsyncs that compete
+    /// with the volume's own I/O (recovery widens by the log's extents either way).
+    fn periodic_write_back(&self) -> Result<(), CbtError> {
+        let _io = lock(&self.io);
+        let al = lock(&self.al);
+        self.check()?;
+        if al.table.iter().any(Option::is_none) {
+            return Ok(());
+        }
+        self.write_back(&al, &[])
+    }
+
+    /// Writes every dirty page back now.
+    #[cfg(test)]
     fn write_back_now(&self) -> Result<(), CbtError> {
         let _io = lock(&self.io);
         let al = lock(&self.al);
@@ -1299,7 +1315,7 @@ fn committer(weak: Weak<Tracker>) {
         let due = last_write_back.elapsed() >= WRITE_BACK_INTERVAL;
         if due {
             last_write_back = Instant::now();
-            if let Err(e) = t.write_back_now() {
+            if let Err(e) = t.periodic_write_back() {
                 if !matches!(e, CbtError::Closed { .. } | CbtError::Poisoned { .. }) {
                     warn!(volume = %t.volume, "bitmap write-back failed: {e}");
                 }
