@@ -564,13 +564,9 @@ impl Admin {
         }
         drop(listener);
         let _ = stop_tx.send(true);
-        let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
-            while conns.join_next().await.is_some() {}
-        })
-        .await;
-        if drained.is_err() {
-            warn!(connections = conns.len(), "admin: closing connections still busy");
-            conns.shutdown().await;
+        let left = crate::tasks::drain(&mut conns, SHUTDOWN_GRACE).await;
+        if left > 0 {
+            warn!(connections = left, "admin: closed connections still busy");
         }
         drop(file);
     }

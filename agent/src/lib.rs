@@ -12,4 +12,5 @@ pub mod engine;
 pub mod nbd;
 pub mod size;
 pub mod stats;
+mod tasks;
 pub mod volume;

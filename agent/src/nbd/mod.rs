@@ -279,13 +279,9 @@ impl Server {
         }
         info!(connections = conns.len(), "shutting down: draining in-flight requests");
         let _ = stop_tx.send(true);
-        let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
-            while conns.join_next().await.is_some() {}
-        })
-        .await;
-        if drained.is_err() {
-            warn!(connections = conns.len(), "drain timed out; closing the remaining connections");
-            conns.shutdown().await;
+        let left = crate::tasks::drain(&mut conns, DRAIN_TIMEOUT).await;
+        if left > 0 {
+            warn!(connections = left, "drain timed out; closed the remaining connections");
         }
         if let Some((_, path)) = &self.unix {
             let _ = std::fs::remove_file(path);

@@ -109,13 +109,7 @@ async fn go<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, structured: bool) {
         let r = option_replies(s).await;
         assert_eq!(r.len(), 2);
     }
-    let mut g = Vec::new();
-    g.put_u32(1);
-    g.put_slice(b"v");
-    g.put_u16(0);
-    s.write_all(&opt(OPT_GO, &g)).await.unwrap();
-    let r = option_replies(s).await;
-    assert_eq!(r.last().unwrap().0, REP_ACK, "{r:?}");
+    go_v(s).await;
 }
 
 fn req(kind: u16, flags: u16, cookie: u64, offset: u64, length: u32) -> Vec<u8> {
