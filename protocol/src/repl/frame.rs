@@ -63,7 +63,9 @@ pub enum FrameError {
     BadBatchKind { kind: u8 },
     #[error("batch header checksum mismatch (stored {stored:#010x}, computed {computed:#010x})")]
     BatchHeaderChecksum { stored: u32, computed: u32 },
-    #[error("frame {seq}: header checksum mismatch (stored {stored:#010x}, computed {computed:#010x})")]
+    #[error(
+        "frame {seq}: header checksum mismatch (stored {stored:#010x}, computed {computed:#010x})"
+    )]
     HeaderChecksum { seq: u32, stored: u32, computed: u32 },
     #[error("frame header: unknown kind {kind}")]
     BadKind { kind: u8 },
@@ -195,7 +197,15 @@ pub enum Frame {
 }
 
 /// Header crc of a data frame as it is encoded, for the batch checksum.
-fn header_bytes(kind: u8, flags: u8, length: u32, offset: u64, wire_len: u32, crc: u32, seq: u32) -> [u8; FRAME_HEADER_LEN] {
+fn header_bytes(
+    kind: u8,
+    flags: u8,
+    length: u32,
+    offset: u64,
+    wire_len: u32,
+    crc: u32,
+    seq: u32,
+) -> [u8; FRAME_HEADER_LEN] {
     let mut b = [0u8; FRAME_HEADER_LEN];
     b[0] = kind;
     b[1] = flags;
@@ -331,7 +341,13 @@ impl BatchWriter {
     /// Frames `data` (its crc32c computed at capture: `crc`) at `offset`, compressed when that
     /// makes it smaller, zero-flagged when it is all zeros. Appends header and payload to
     /// `out`; returns the frame.
-    pub fn data(&mut self, offset: u64, data: Bytes, crc: u32, compression: Compression) -> DataFrame {
+    pub fn data(
+        &mut self,
+        offset: u64,
+        data: Bytes,
+        crc: u32,
+        compression: Compression,
+    ) -> DataFrame {
         let length = data.len() as u32;
         let (encoding, payload, crc) = if is_zero(&data) {
             (Encoding::Zero, Bytes::new(), 0)
@@ -488,7 +504,10 @@ impl Frame {
                     Encoding::Lz4 | Encoding::Zstd => wire_len == 0,
                 };
                 if bad || length == 0 || offset.checked_add(u64::from(length)).is_none() {
-                    return Err(FrameError::Malformed { seq, what: "length, payload and flags disagree" });
+                    return Err(FrameError::Malformed {
+                        seq,
+                        what: "length, payload and flags disagree",
+                    });
                 }
                 let total = FRAME_HEADER_LEN + wire_len as usize;
                 if buf.len() < total {

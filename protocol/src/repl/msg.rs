@@ -116,9 +116,16 @@ pub enum FailCode {
 pub enum AgentMsg {
     Hello(Hello),
     /// Asks for blake3 hashes of `count` chunks of `granularity` bytes from `offset`.
-    HashRequest { id: u64, offset: u64, granularity: u32, count: u32 },
+    HashRequest {
+        id: u64,
+        offset: u64,
+        granularity: u32,
+        count: u32,
+    },
     /// Keeps the session alive and measures the round trip.
-    Ping { nonce: u64 },
+    Ping {
+        nonce: u64,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -126,13 +133,27 @@ pub enum TargetMsg {
     Welcome(Welcome),
     Refused(Refusal),
     /// Every batch through `through` is durable and committed (the replica's boundary).
-    Committed { through: Epoch },
+    Committed {
+        through: Epoch,
+    },
     /// Batch `id` was dropped; the agent decides what to send again.
-    Failed { id: Epoch, kind: BatchKind, code: FailCode, message: String },
+    Failed {
+        id: Epoch,
+        kind: BatchKind,
+        code: FailCode,
+        message: String,
+    },
     /// The answer to `HashRequest`: one blake3 hash per chunk (a chunk past the end of the
     /// volume is not hashed).
-    Hashes { id: u64, offset: u64, granularity: u32, hashes: Vec<[u8; 32]> },
-    Pong { nonce: u64 },
+    Hashes {
+        id: u64,
+        offset: u64,
+        granularity: u32,
+        hashes: Vec<[u8; 32]>,
+    },
+    Pong {
+        nonce: u64,
+    },
 }
 
 /// Appends `msg` with its length prefix.

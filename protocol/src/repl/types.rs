@@ -8,7 +8,9 @@ use std::fmt;
 /// Epoch numbers increase but need not be contiguous: every batch names the boundary it applies
 /// on (its `base`), so an epoch in which nothing was shipped leaves a gap. `Epoch::ZERO` is the
 /// boundary "nothing replicated yet".
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub struct Epoch(pub u64);
 
 impl Epoch {
