@@ -15,6 +15,8 @@ use blockferry_agent::volume::Volume;
 
 mod cbt;
 mod demo;
+mod impair;
+mod keygen;
 
 #[derive(Debug, Parser)]
 #[command(name = "blockferry", version, about = "Block-level disaster recovery for virtual disks")]
@@ -34,6 +36,10 @@ enum Command {
     Cbt(cbt::CbtArgs),
     /// Make a 1 GiB demo volume and serve it at nbd://127.0.0.1:10809/demo with live counters.
     Demo(demo::DemoArgs),
+    /// Make this node's QUIC key pair in DIR and print its fingerprint (--show: print only).
+    Keygen(keygen::KeygenArgs),
+    /// A UDP relay that delays, drops, duplicates, reorders and rate-limits datagrams (tests).
+    Impair(impair::ImpairArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -257,6 +263,11 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Agent(args) => run_agent(args)?,
         Command::Cbt(args) => cbt::run(args)?,
+        Command::Keygen(args) => keygen::run(args)?,
+        Command::Impair(args) => {
+            init_tracing();
+            runtime()?.block_on(impair::main(args))?;
+        }
         Command::Demo(args) => {
             init_tracing();
             runtime()?.block_on(demo::run(args))?;
