@@ -1,0 +1,673 @@
+//! The per-volume replica store (DESIGN.md "Target store", invariants 3, 4, 5, 7): a sparse
+//! raw image, a redo journal with group commit, and a metadata record. Synchronous and
+//! deterministic; the async receiver drives it.
+//!
+//! Files of a volume (names relative to its directory, see [`storage`]):
+//! ```text
+//! meta              the metadata record (meta.rs), replaced atomically
+//! image.raw         the replica image, sparse, exactly Geometry::size bytes
+//! journal/SEQ.log   redo journal segments (journal.rs)
+//! ```
+//!
+//! The life of a batch: `begin_batch` journals a begin record, `data` a data record per frame,
+//! `end_batch` an end record, all without a sync. `commit` finds the longest committable prefix
+//! of the chain, journals one commit record and makes the journal durable with one fdatasync
+//! (group commit). `apply` copies committed batches from the journal into the image, syncs it,
+//! records `applied` in the metadata and deletes journal segments nobody needs any more.
+//!
+//! Before the first commit (state Empty or Seeded) there is no boundary to protect, and the
+//! initial sync's batches go straight into the image (`direct`): only their begin and end
+//! records are journaled, so the chain logic sees them. A batch is direct only if every
+//! other pending batch is a finished direct batch: otherwise its writes could land before a
+//! journaled batch that precedes it in the chain, and it is journaled like a resync.
+
+pub mod error;
+pub mod journal;
+pub mod meta;
+mod recover;
+#[cfg(any(test, feature = "sim"))]
+pub mod sim;
+pub mod storage;
+mod volumes;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, HashSet};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use blockferry_protocol::repl::{
+    BatchHeader, BatchKind, End, Epoch, Generation, Geometry, ReplicaState, VolumeId,
+};
+
+pub use error::StoreError;
+use journal::Body;
+pub use meta::Meta;
+use meta::META_FILE;
+use recover::read_meta;
+pub use storage::{DirStorage, Storage};
+pub use volumes::Store;
+
+/// The image file's name.
+pub const IMAGE_FILE: &str = "image.raw";
+
+/// Tunables.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// A new journal segment is started once the active one would grow past this.
+    pub segment_size: u64,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options { segment_size: 64 << 20 }
+    }
+}
+
+/// A batch is known by the session that sent it and its id.
+type Key = (u64, Epoch);
+
+/// Where a data record is in the journal.
+#[derive(Clone, Copy, Debug)]
+struct Loc {
+    seg: u64,
+    off: u64,
+    len: u64,
+}
+
+#[derive(Debug)]
+struct Batch {
+    header: BatchHeader,
+    session: u64,
+    direct: bool,
+    frames: u32,
+    chain: u32,
+    recs: Vec<Loc>,
+    end: Option<End>,
+    bytes: u64,
+}
+
+impl Batch {
+    fn key(&self) -> Key {
+        (self.session, self.header.id)
+    }
+}
+
+#[derive(Debug, Default)]
+struct Segment {
+    len: u64,
+    /// The batches with records here (commit records count for the batches they name).
+    keys: HashSet<Key>,
+}
+
+/// Counters and state for `status`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StoreStatus {
+    pub journal_bytes: u64,
+    pub segments: usize,
+    /// Batches received but not committed.
+    pub pending_batches: usize,
+    /// Committed batches not yet applied.
+    pub unapplied_batches: usize,
+    /// Bytes of block data in the journal not yet applied (pending and committed).
+    pub staged_bytes: u64,
+    pub commits: u64,
+    pub applies: u64,
+    pub poisoned: bool,
+    pub last_error: Option<String>,
+}
+
+/// One volume's replica. See the module documentation.
+#[derive(Debug)]
+pub struct ReplicaStore {
+    storage: Arc<dyn Storage>,
+    opts: Options,
+    meta: Meta,
+    /// The in-memory `meta` differs from the durable one.
+    meta_dirty: bool,
+    /// The active journal segment and its length (the end of its last good record).
+    seg: u64,
+    segments: BTreeMap<u64, Segment>,
+    /// This session's batches not yet committed, by id.
+    pending: BTreeMap<Epoch, Batch>,
+    /// Committed batches not yet applied, in chain order (they cover (applied, committed]).
+    to_apply: Vec<Batch>,
+    /// Direct writes to the image since its last sync.
+    image_dirty: bool,
+    poisoned: Option<String>,
+    status: StoreStatus,
+}
+
+fn describe_io(
+    storage: &dyn Storage,
+    file: &str,
+    what: &'static str,
+    source: io::Error,
+) -> StoreError {
+    StoreError::Io { what, path: storage.describe(file), source }
+}
+
+impl ReplicaStore {
+    /// Creates the volume's files in `storage` if new (state Empty) or opens and recovers them:
+    /// the journal is scanned up to its first invalid record (which is truncated away), every
+    /// committed batch after `applied` is applied again (redo is idempotent), and the session
+    /// number is bumped so records of the dead session are never taken for live ones.
+    /// `generation` is recorded for a new replica; an existing one keeps its own (compare it
+    /// in the session and call [`ReplicaStore::set_generation`]). A geometry or uuid mismatch
+    /// is an error naming both values.
+    pub fn open(
+        storage: Arc<dyn Storage>,
+        volume: VolumeId,
+        name: &str,
+        geometry: Geometry,
+        generation: Generation,
+    ) -> Result<ReplicaStore, StoreError> {
+        Self::open_with(storage, volume, name, geometry, generation, Options::default())
+    }
+
+    /// [`ReplicaStore::open`] on real files in `dir` (created if missing).
+    pub fn open_dir(
+        dir: &Path,
+        volume: VolumeId,
+        name: &str,
+        geometry: Geometry,
+        generation: Generation,
+    ) -> Result<ReplicaStore, StoreError> {
+        let storage = DirStorage::open(dir).map_err(|source| StoreError::Io {
+            what: "creating",
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        Self::open(Arc::new(storage), volume, name, geometry, generation)
+    }
+
+    /// [`ReplicaStore::open`] with tunables.
+    pub fn open_with(
+        storage: Arc<dyn Storage>,
+        volume: VolumeId,
+        name: &str,
+        geometry: Geometry,
+        generation: Generation,
+        opts: Options,
+    ) -> Result<ReplicaStore, StoreError> {
+        let st = &*storage;
+        let meta = match read_meta(st)? {
+            Some(m) => {
+                if m.volume != volume {
+                    return Err(StoreError::Mismatch {
+                        what: "volume uuid",
+                        stored: m.volume.to_string(),
+                        requested: volume.to_string(),
+                    });
+                }
+                if m.geometry != geometry {
+                    let g =
+                        |g: Geometry| format!("{} bytes in blocks of {}", g.size(), g.block_size());
+                    return Err(StoreError::Mismatch {
+                        what: "geometry",
+                        stored: g(m.geometry),
+                        requested: g(geometry),
+                    });
+                }
+                m
+            }
+            None => {
+                // Creating a replica:
+                // 1. create image.raw and size it (sparse); 2. sync it;
+                // 3. write meta atomically. meta is what makes the replica exist: a crash
+                //    before 3 leaves files that the next open creates again.
+                let io = |what, file: &'static str| move |e| describe_io(st, file, what, e);
+                st.create(IMAGE_FILE).map_err(io("creating", IMAGE_FILE))?;
+                st.set_len(IMAGE_FILE, geometry.size()).map_err(io("sizing", IMAGE_FILE))?;
+                st.sync(IMAGE_FILE).map_err(io("syncing", IMAGE_FILE))?;
+                let m = Meta {
+                    version: meta::FORMAT_VERSION,
+                    volume,
+                    name: name.to_string(),
+                    geometry,
+                    generation,
+                    history: Vec::new(),
+                    state: ReplicaState::Empty,
+                    committed: Epoch::ZERO,
+                    applied: Epoch::ZERO,
+                    session: 0,
+                };
+                st.create_atomic(META_FILE, &m.encode()).map_err(io("writing", META_FILE))?;
+                tracing::info!(volume = %volume, name, size = geometry.size(), "created replica");
+                m
+            }
+        };
+        let mut s = ReplicaStore {
+            storage: storage.clone(),
+            opts,
+            meta,
+            meta_dirty: true,
+            seg: 0,
+            segments: BTreeMap::new(),
+            pending: BTreeMap::new(),
+            to_apply: Vec::new(),
+            image_dirty: false,
+            poisoned: None,
+            status: StoreStatus::default(),
+        };
+        s.recover()?;
+        Ok(s)
+    }
+
+    /// Reads the metadata of the replica in `dir` without opening it (for status and verify
+    /// tools). `committed` is the durable record's, which may lag the journal's.
+    pub fn inspect(dir: &Path) -> Result<Meta, StoreError> {
+        let path = dir.join(META_FILE);
+        let b = std::fs::read(&path).map_err(|source| StoreError::Io {
+            what: "reading",
+            path: path.clone(),
+            source,
+        })?;
+        Meta::decode(&b).map_err(|what| StoreError::Corrupt { what, path })
+    }
+
+    /// The live metadata: committed, applied, state, generation, geometry, session.
+    pub fn meta(&self) -> &Meta {
+        &self.meta
+    }
+
+    /// The image's path, if it is a real file.
+    pub fn image_path(&self) -> Option<PathBuf> {
+        self.storage.local_path(IMAGE_FILE)
+    }
+
+    /// Counters and state.
+    pub fn status(&self) -> StoreStatus {
+        let mut s = self.status.clone();
+        s.journal_bytes = self.segments.values().map(|g| g.len).sum();
+        s.segments = self.segments.len();
+        s.pending_batches = self.pending.len();
+        s.unapplied_batches = self.to_apply.len();
+        s.staged_bytes = self
+            .pending
+            .values()
+            .chain(&self.to_apply)
+            .filter(|b| !b.direct)
+            .map(|b| b.bytes)
+            .sum();
+        s.poisoned = self.poisoned.is_some();
+        s
+    }
+
+    /// Records a new generation (the old one goes to the history), durably.
+    pub fn set_generation(&mut self, generation: Generation) -> Result<(), StoreError> {
+        self.check()?;
+        if generation != self.meta.generation {
+            let old = self.meta.generation;
+            self.meta.history.insert(0, old);
+            self.meta.generation = generation;
+            if let Err(e) = self.write_meta() {
+                self.meta.history.remove(0);
+                self.meta.generation = old;
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// A new agent session: forgets every batch not committed (their journal records are dead:
+    /// they carry the old session number) and bumps the session, durably.
+    pub fn reset_session(&mut self) -> Result<(), StoreError> {
+        self.check()?;
+        // Direct writes of a forgotten batch must be durable before the new session compares
+        // hashes of the image, or a power cut could undo what the hashes promised.
+        self.sync_image()?;
+        self.pending.clear();
+        self.meta.session += 1;
+        if let Err(e) = self.write_meta() {
+            self.meta.session -= 1;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Starts batch `h`. Its `base` must be the committed boundary or another batch's id.
+    pub fn begin_batch(&mut self, h: BatchHeader) -> Result<(), StoreError> {
+        self.check()?;
+        let bad = |what: &str| Err(StoreError::Batch { id: h.id, what: what.to_string() });
+        if h.id <= h.base {
+            return bad("id is not after its base");
+        }
+        if h.id <= self.meta.committed {
+            return bad("already committed");
+        }
+        if self.pending.contains_key(&h.id) {
+            return bad("already begun in this session");
+        }
+        if self.pending.values().any(|b| b.header.base == h.base) {
+            return bad("another batch of this session has the same base");
+        }
+        let direct = h.kind == BatchKind::Initial
+            && self.meta.state != ReplicaState::Consistent
+            && self.to_apply.is_empty()
+            && self.pending.values().all(|b| b.direct && b.end.is_some());
+        if direct && self.meta.state == ReplicaState::Empty {
+            // Empty -> Seeded is durable before the first byte reaches the image.
+            self.meta.state = ReplicaState::Seeded;
+            if let Err(e) = self.write_meta() {
+                self.meta.state = ReplicaState::Empty;
+                return Err(e);
+            }
+        }
+        let session = self.meta.session;
+        let rec =
+            journal::encode(session, &Body::Begin { kind: h.kind, id: h.id, base: h.base, direct });
+        self.append(&rec, &[(session, h.id)])?;
+        let b = Batch {
+            header: h,
+            session,
+            direct,
+            frames: 0,
+            chain: 0,
+            recs: Vec::new(),
+            end: None,
+            bytes: 0,
+        };
+        self.pending.insert(h.id, b);
+        Ok(())
+    }
+
+    /// One data frame of batch `id`: `length` bytes at `offset`, `data` its uncompressed bytes
+    /// (`None`: zeros). The caller has checked the frame's crc and sequence. On an error
+    /// other than a range error the batch is dropped.
+    pub fn data(
+        &mut self,
+        id: Epoch,
+        offset: u64,
+        length: u32,
+        data: Option<&[u8]>,
+    ) -> Result<(), StoreError> {
+        self.check()?;
+        let g = self.meta.geometry;
+        if !g.contains_aligned(offset, u64::from(length)) {
+            return Err(StoreError::OutOfRange {
+                offset,
+                length: u64::from(length),
+                size: g.size(),
+                block_size: g.block_size(),
+            });
+        }
+        if data.is_some_and(|d| d.len() != length as usize) {
+            return Err(StoreError::Batch {
+                id,
+                what: format!(
+                    "frame at {offset} carries {} bytes, its length says {length}",
+                    data.map_or(0, <[u8]>::len)
+                ),
+            });
+        }
+        let Some(b) = self.pending.get(&id) else {
+            return Err(StoreError::Batch { id, what: "data for a batch that is not open".into() });
+        };
+        if b.end.is_some() {
+            return Err(StoreError::Batch { id, what: "data after the end of the batch".into() });
+        }
+        let (direct, session) = (b.direct, b.session);
+        let res = if direct {
+            self.image_dirty = true;
+            let r = match data {
+                Some(d) => self.storage.write_at(IMAGE_FILE, offset, d),
+                None => self.storage.zero(IMAGE_FILE, offset, u64::from(length)),
+            };
+            r.map(|()| None).map_err(|e| self.fail("writing", IMAGE_FILE, e))
+        } else {
+            let rec = journal::encode_data(session, id, offset, length, data);
+            let crc = journal::record_crc(&rec);
+            self.append(&rec, &[(session, id)]).map(|loc| Some((loc, crc)))
+        };
+        match res {
+            Ok(r) => {
+                let b = self
+                    .pending
+                    .get_mut(&id)
+                    .ok_or(StoreError::Batch { id, what: "vanished".into() })?;
+                if let Some((loc, crc)) = r {
+                    b.recs.push(loc);
+                    b.chain = journal::chain(b.chain, crc);
+                }
+                b.frames += 1;
+                b.bytes += u64::from(length);
+                Ok(())
+            }
+            Err(e) => {
+                self.abort_batch(id);
+                Err(e)
+            }
+        }
+    }
+
+    /// The end of batch `id` (checked by the caller against the frames received). A frame
+    /// count that disagrees with the frames stored drops the batch.
+    pub fn end_batch(&mut self, id: Epoch, end: End) -> Result<(), StoreError> {
+        self.check()?;
+        let Some(b) = self.pending.get(&id) else {
+            return Err(StoreError::Batch { id, what: "end of a batch that is not open".into() });
+        };
+        if b.end.is_some() {
+            return Err(StoreError::Batch { id, what: "second end frame".into() });
+        }
+        if b.frames != end.frames {
+            let what =
+                format!("end says {} frames, {} were stored; batch dropped", end.frames, b.frames);
+            self.abort_batch(id);
+            return Err(StoreError::Batch { id, what });
+        }
+        let (direct, session, chain) = (b.direct, b.session, b.chain);
+        if direct {
+            // 1. the batch's image writes are durable; 2. then its end record is journaled
+            //    (synced by the next commit). A crash between leaves the batch incomplete.
+            self.sync_image()?;
+        }
+        let rec = journal::encode(
+            session,
+            &Body::End { id, through: end.through, frames: end.frames, chain },
+        );
+        if let Err(e) = self.append(&rec, &[(session, id)]) {
+            self.abort_batch(id);
+            return Err(e);
+        }
+        if let Some(b) = self.pending.get_mut(&id) {
+            b.end = Some(end);
+        }
+        Ok(())
+    }
+
+    /// Drops batch `id` (not committed); its records in the journal are dead. Unknown ids
+    /// are ignored.
+    pub fn abort_batch(&mut self, id: Epoch) {
+        if self.pending.remove(&id).is_some() {
+            tracing::debug!(volume = %self.meta.volume, batch = %id, "batch dropped");
+        }
+    }
+
+    /// Group commit: commits through the largest batch E such that the chain from `committed`
+    /// to E is made of complete batches and the last resync or initial batch in it has
+    /// `through <= E`. One commit record, one fdatasync. `Some(E)` if the boundary moved.
+    pub fn commit(&mut self) -> Result<Option<Epoch>, StoreError> {
+        self.check()?;
+        let base = self.meta.committed;
+        let (mut cur, mut ids, mut barrier, mut best) = (base, Vec::new(), None, 0);
+        while let Some(b) = self.pending.values().find(|b| b.header.base == cur) {
+            let Some(end) = b.end else { break };
+            if b.header.kind != BatchKind::Epoch {
+                barrier = Some(end.through);
+            }
+            cur = b.header.id;
+            ids.push(cur);
+            if barrier.is_none_or(|t| t <= cur) {
+                best = ids.len();
+            }
+        }
+        if best == 0 {
+            return Ok(None);
+        }
+        ids.truncate(best);
+        let through = ids[best - 1];
+        let session = self.meta.session;
+        let keys: Vec<Key> = ids.iter().map(|&id| (session, id)).collect();
+        // Crash ordering of a commit:
+        // 1. the commit record is appended after every record of its batches;
+        // 2. one fdatasync of the active segment makes it and them durable (earlier segments
+        //    were synced when the journal moved past them);
+        // 3. only then is the commit reported. A crash before 2 completes may or may not keep
+        //    the commit; recovery counts it only if it and all its batches are intact.
+        let rec = journal::encode(session, &Body::Commit { base, through, ids: ids.clone() });
+        self.append(&rec, &keys)?;
+        self.sync_journal()?;
+        for id in ids {
+            if let Some(b) = self.pending.remove(&id) {
+                self.to_apply.push(b);
+            }
+        }
+        self.meta.committed = through;
+        self.meta.state = ReplicaState::Consistent;
+        self.meta_dirty = true;
+        self.status.commits += 1;
+        Ok(Some(through))
+    }
+
+    /// Writes the committed, unapplied batches into the image in chain order, syncs it,
+    /// records `applied` in the metadata and deletes journal segments nobody needs.
+    pub fn apply(&mut self) -> Result<(), StoreError> {
+        self.check()?;
+        if self.to_apply.is_empty() && !self.meta_dirty {
+            return Ok(());
+        }
+        // Crash ordering of apply (redo: every step may be repeated after a crash):
+        // 1. pwrite/punch each data record of each batch, in chain order;
+        // 2. fdatasync the image;
+        // 3. write meta with applied = committed (atomic);
+        // 4. delete journal segments whose records are all applied or dead.
+        // A crash before 3 leaves applied where it was, and recovery writes the same bytes
+        // again; the journal still holds them because 4 comes last.
+        let batches = std::mem::take(&mut self.to_apply);
+        let r = self.write_batches(&batches);
+        self.to_apply = batches;
+        let wrote = r?;
+        if wrote {
+            self.image_dirty = true;
+        }
+        self.sync_image()?;
+        let applied = self.meta.applied;
+        self.meta.applied = self.meta.committed;
+        if let Err(e) = self.write_meta() {
+            self.meta.applied = applied;
+            return Err(e);
+        }
+        if !self.to_apply.is_empty() {
+            self.status.applies += 1;
+        }
+        self.to_apply.clear();
+        self.reclaim();
+        Ok(())
+    }
+
+    /// Step 1 of apply: the data records of `batches` into the image. True if it wrote.
+    fn write_batches(&mut self, batches: &[Batch]) -> Result<bool, StoreError> {
+        let seg_names: BTreeMap<u64, String> =
+            self.segments.keys().map(|&s| (s, journal::segment_name(s))).collect();
+        let mut buf = Vec::new();
+        let mut wrote = false;
+        for b in batches {
+            for loc in &b.recs {
+                let file = &seg_names
+                    .get(&loc.seg)
+                    .cloned()
+                    .unwrap_or_else(|| journal::segment_name(loc.seg));
+                buf.resize(loc.len as usize, 0);
+                let n = self
+                    .storage
+                    .read_at(file, loc.off, &mut buf)
+                    .map_err(|e| describe_io(&*self.storage, file, "reading", e))?;
+                let rec = buf
+                    .get(..n)
+                    .filter(|_| n == buf.len())
+                    .ok_or("record cut short".to_string())
+                    .and_then(journal::decode);
+                let (offset, length, bytes) = match rec {
+                    Ok(journal::Decoded {
+                        body: Body::Data { id, offset, length, zero, bytes },
+                        ..
+                    }) if id == b.header.id => (offset, length, (!zero).then_some(bytes)),
+                    Ok(_) => {
+                        return Err(self.corrupt(
+                            file,
+                            format!(
+                                "record at {} is not a data record of batch {}",
+                                loc.off, b.header.id
+                            ),
+                        ))
+                    }
+                    Err(e) => return Err(self.corrupt(file, format!("record at {}: {e}", loc.off))),
+                };
+                let r = match &bytes {
+                    Some(d) => self.storage.write_at(IMAGE_FILE, offset, d),
+                    None => self.storage.zero(IMAGE_FILE, offset, u64::from(length)),
+                };
+                r.map_err(|e| self.fail("applying to", IMAGE_FILE, e))?;
+                wrote = true;
+            }
+        }
+        Ok(wrote)
+    }
+
+    /// blake3 hashes of `count` chunks of `granularity` bytes of the image from `offset`
+    /// (holes read as zeros; a chunk past the end of the volume is not hashed, one that runs
+    /// past it is hashed up to the end).
+    pub fn hashes(
+        &self,
+        offset: u64,
+        granularity: u32,
+        count: u32,
+    ) -> Result<Vec<[u8; 32]>, StoreError> {
+        let size = self.meta.geometry.size();
+        if granularity == 0 || offset >= size {
+            let bs = self.meta.geometry.block_size();
+            return Err(StoreError::OutOfRange {
+                offset,
+                length: u64::from(granularity),
+                size,
+                block_size: bs,
+            });
+        }
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; granularity as usize];
+        for i in 0..u64::from(count) {
+            let off = offset + i * u64::from(granularity);
+            if off >= size {
+                break;
+            }
+            let len = (size - off).min(u64::from(granularity)) as usize;
+            self.read(off, &mut buf[..len])?;
+            out.push(*blake3::hash(&buf[..len]).as_bytes());
+        }
+        Ok(out)
+    }
+
+    /// Reads the image at `offset` (holes read as zeros).
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
+        let size = self.meta.geometry.size();
+        if offset.checked_add(buf.len() as u64).is_none_or(|e| e > size) {
+            let bs = self.meta.geometry.block_size();
+            return Err(StoreError::OutOfRange {
+                offset,
+                length: buf.len() as u64,
+                size,
+                block_size: bs,
+            });
+        }
+        let n = self
+            .storage
+            .read_at(IMAGE_FILE, offset, buf)
+            .map_err(|e| describe_io(&*self.storage, IMAGE_FILE, "reading", e))?;
+        buf[n..].fill(0);
+        Ok(())
+    }
+}
