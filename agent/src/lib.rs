@@ -10,6 +10,7 @@ pub mod cbt;
 pub mod config;
 pub mod engine;
 pub mod nbd;
+pub mod repl;
 pub mod size;
 pub mod stats;
 mod tasks;
