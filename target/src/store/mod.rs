@@ -344,10 +344,13 @@ impl ReplicaStore {
         if self.pending.values().any(|b| b.header.base == h.base) {
             return bad("another batch of this session has the same base");
         }
+        // Direct only if everything before it in the chain is direct and finished, so its
+        // writes never land before a journaled batch that precedes it in the chain.
         let direct = h.kind == BatchKind::Initial
             && self.meta.state != ReplicaState::Consistent
             && self.to_apply.is_empty()
-            && self.pending.values().all(|b| b.direct && b.end.is_some());
+            && self.pending.values().all(|b| b.direct && b.end.is_some())
+            && (h.base == self.meta.committed || self.pending.contains_key(&h.base));
         if direct && self.meta.state == ReplicaState::Empty {
             // Empty -> Seeded is durable before the first byte reaches the image.
             self.meta.state = ReplicaState::Seeded;
@@ -518,6 +521,9 @@ impl ReplicaStore {
         //    were synced when the journal moved past them);
         // 3. only then is the commit reported. A crash before 2 completes may or may not keep
         //    the commit; recovery counts it only if it and all its batches are intact.
+        // 0. direct writes (initial sync, also of dropped batches) are durable before the
+        //    first boundary is recorded over them.
+        self.sync_image()?;
         let rec = journal::encode(session, &Body::Commit { base, through, ids: ids.clone() });
         self.append(&rec, &keys)?;
         self.sync_journal()?;

@@ -265,7 +265,8 @@ impl ReplicaStore {
                     }
                     Body::End { id, through, frames, chain } => {
                         if let Some(f) = found.get_mut(&(s, id)).filter(|f| f.end.is_none()) {
-                            f.broken = frames != f.frames || (!f.direct && chain != f.chain);
+                            // A direct batch's data went to the image: only its end is journaled.
+                            f.broken = !f.direct && (frames != f.frames || chain != f.chain);
                             f.end = Some(End { through, frames, batch_crc: chain });
                         }
                         seg.keys.insert((s, id));
