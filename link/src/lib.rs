@@ -29,6 +29,9 @@ pub use tls::{
     AllowList, TransportTuning,
 };
 
+/// The quinn these configurations are built for, so users name the same version.
+pub use quinn;
+
 /// ALPN of the replication protocol. A peer that offers anything else fails the handshake.
 pub const ALPN: &[u8] = b"blockferry/1";
 
