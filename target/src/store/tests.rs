@@ -296,6 +296,7 @@ fn chain_against_model_real_files() {
 fn power_cut_at_every_step() {
     let mut checked = 0usize;
     let mut recovered_past_ack = 0usize;
+    let mut double = 0usize;
     for seed in 0..6u64 {
         let steps = 120;
         let total = {
@@ -321,8 +322,15 @@ fn power_cut_at_every_step() {
                 }
             }
             for fate_seed in 0..2u64 {
-                let after =
+                let mut after =
                     Arc::new(st.crash_seeded(seed * 1_000_003 + cut as u64 * 7 + fate_seed));
+                if fate_seed == 1 {
+                    // A second power cut during recovery itself.
+                    after.die_after(cut % 7);
+                    let _ = open_sim(&after, 16 << 10);
+                    after = Arc::new(after.crash_seeded(cut as u64));
+                    double += 1;
+                }
                 let s = match open_sim(&after, 16 << 10) {
                     Ok(s) => s,
                     // Power went off before the replica existed.
@@ -353,11 +361,17 @@ fn power_cut_at_every_step() {
                         "seed {seed} cut {cut}: image differs from the model at {c}"
                     );
                 }
+                // The recovered store goes on.
+                let mut s = s;
+                let next = c.0 + 1000;
+                s.reset_session().expect("reset after recovery");
+                write_block(&mut s, next, c.0, 0, 0xee, 1).expect("batch after recovery");
+                assert_eq!(s.commit().expect("commit after recovery"), Some(Epoch(next)));
                 checked += 1;
             }
         }
     }
-    println!("power-cut test: {checked} crash points checked ({recovered_past_ack} recovered a commit in flight)");
+    println!("power-cut test: {checked} crash points checked ({double} with a second cut during recovery, {recovered_past_ack} recovered a commit in flight)");
     assert!(checked > 1000);
 }
 
