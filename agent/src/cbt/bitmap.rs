@@ -85,6 +85,74 @@ impl Bitmap {
         }
     }
 
+    /// Clears bits `[first, end)` except those for which `keep(bit)` is true; pages whose
+    /// bits changed are flagged for write-back. Returns the number of bits cleared.
+    ///
+    /// A bit `keep` refuses is cleared first and `keep` asked again after (a kept bit is set
+    /// again): so when `keep` looks at state that a concurrent writer updates *before* it sets
+    /// its bit (the replication capture), that writer's bit is never lost. The page flag is
+    /// set after the bits, so a write-back that saw the short-lived clear is followed by one
+    /// that sees the restored bit.
+    pub fn clear_range(&self, first: u64, end: u64, keep: impl Fn(u64) -> bool) -> u64 {
+        let end = end.min(self.len);
+        let mut cleared = 0;
+        let mut at = first;
+        while at < end {
+            let page = (at / PAGE_BITS) as usize;
+            let base = page as u64 * PAGE_BITS;
+            let page_end = (base + PAGE_BITS).min(end);
+            let Some(leaf) = self.pages[page].get() else {
+                at = page_end;
+                continue;
+            };
+            let mut changed = false;
+            let mut bit = at - base;
+            let stop = page_end - base;
+            while bit < stop {
+                let word = (bit / 64) as usize;
+                let lo = bit % 64;
+                let hi = (stop - word as u64 * 64).min(64);
+                let mask = if hi - lo == 64 { u64::MAX } else { ((1u64 << (hi - lo)) - 1) << lo };
+                bit = word as u64 * 64 + hi;
+                let mut set = leaf[word].load(Ordering::Relaxed) & mask;
+                let mut drop = 0u64;
+                while set != 0 {
+                    let i = set.trailing_zeros();
+                    set &= set - 1;
+                    if !keep(base + word as u64 * 64 + u64::from(i)) {
+                        drop |= 1 << i;
+                    }
+                }
+                if drop == 0 {
+                    continue;
+                }
+                // Cleared first, `keep` asked again after: a writer that updated what `keep`
+                // sees in between sets its bit again here, one that updates it later sets
+                // its bit itself.
+                let was = leaf[word].fetch_and(!drop, Ordering::AcqRel) & drop;
+                let mut back = 0u64;
+                let mut rest = was;
+                while rest != 0 {
+                    let i = rest.trailing_zeros();
+                    rest &= rest - 1;
+                    if keep(base + word as u64 * 64 + u64::from(i)) {
+                        back |= 1 << i;
+                    }
+                }
+                if back != 0 {
+                    leaf[word].fetch_or(back, Ordering::AcqRel);
+                }
+                cleared += u64::from((was & !back).count_ones());
+                changed |= was != 0;
+            }
+            if changed {
+                self.dirty[page].store(true, Ordering::Release);
+            }
+            at = page_end;
+        }
+        cleared
+    }
+
     /// Whether bit `i` is set.
     #[cfg(test)]
     pub fn get(&self, i: u64) -> bool {
@@ -307,5 +375,41 @@ mod tests {
         assert!(!bm.take_dirty(1));
         bm.clear_all();
         assert!(bm.take_dirty(1) && !bm.take_dirty(0));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+        /// `clear_range` against a set: clears the range but the kept bits, counts right, and
+        /// flags exactly the pages it changed.
+        #[test]
+        fn clear_range_matches_a_set_model(
+            sets in proptest::collection::vec((0..3 * PAGE_BITS, 1..PAGE_BITS), 1..8),
+            (a, n) in (0..3 * PAGE_BITS, 1..2 * PAGE_BITS),
+            modulus in 1..5u64,
+        ) {
+            let len = 3 * PAGE_BITS;
+            let bm = Bitmap::new(len);
+            let mut model = BTreeSet::new();
+            for (s, k) in sets {
+                let e = (s + k).min(len);
+                bm.set_range(s, e);
+                model.extend(s..e);
+            }
+            for p in 0..bm.pages() {
+                bm.take_dirty(p);
+            }
+            let b = (a + n).min(len);
+            let keep = |i: u64| i % modulus == 0;
+            let before = model.clone();
+            model.retain(|&i| i < a || i >= b || keep(i));
+            let cleared = bm.clear_range(a, b, keep);
+            prop_assert_eq!(cleared, (before.len() - model.len()) as u64);
+            prop_assert_eq!(bm.runs(0, len, usize::MAX), model_runs(&model, 0, len));
+            for p in 0..bm.pages() {
+                let (lo, hi) = (p as u64 * PAGE_BITS, (p as u64 + 1) * PAGE_BITS);
+                let changed = before.range(lo.max(a)..hi.min(b).max(lo.max(a))).any(|&i| !keep(i));
+                prop_assert_eq!(bm.take_dirty(p), changed, "page {}", p);
+            }
+        }
     }
 }

@@ -1128,6 +1128,50 @@ impl Tracker {
         Ok(self.describe(&b))
     }
 
+    /// Clears blocks `[first_block, end_block)` of bitmap `name` except those for which
+    /// `keep(block)` is true (replication: the blocks of a committed epoch or resync range,
+    /// keeping those a later epoch holds again). Returns the number of bits cleared. No I/O:
+    /// the pages touched are written back lazily, and a clear not yet written back only makes
+    /// the set after a crash larger. Writes in flight keep their bits (they set them again
+    /// when they end, as with [`Tracker::clear`]). `keep` is asked about a bit again after it
+    /// was cleared, so a writer that records its block where `keep` looks before its tracking
+    /// ends (the capture does) never loses its bit.
+    pub fn clear_blocks(
+        &self,
+        name: &str,
+        first_block: u64,
+        end_block: u64,
+        keep: impl Fn(u64) -> bool,
+    ) -> Result<u64, CbtError> {
+        self.check()?;
+        let b = self.named(name)?;
+        Ok(b.bits.clear_range(first_block, end_block.min(self.blocks), keep))
+    }
+
+    /// The dirty runs `(first block, count)` of bitmap `name` among blocks
+    /// `[from_block, from_block + max_blocks)`, in order (a catch-up reads them page by page).
+    pub fn dirty_runs(
+        &self,
+        name: &str,
+        from_block: u64,
+        max_blocks: u64,
+    ) -> Result<Vec<(u64, u64)>, CbtError> {
+        let b = self.named(name)?;
+        let end = from_block.saturating_add(max_blocks).min(self.blocks);
+        let mut out = Vec::new();
+        if from_block >= end {
+            return Ok(out);
+        }
+        let mut at = from_block;
+        for (n, dirty) in b.bits.runs(from_block, end, usize::MAX) {
+            if dirty {
+                out.push((at, n));
+            }
+            at += n;
+        }
+        Ok(out)
+    }
+
     /// Removes bitmap `name` and its file. Blocking I/O.
     pub fn remove(&self, name: &str) -> Result<(), CbtError> {
         self.check()?;

@@ -426,3 +426,75 @@ fn extents_coalesce_across_page_and_log_extent_boundaries() {
     assert_eq!(t.extents("a").unwrap().last(), Some(&ByteExtent { offset: size - BS, length: BS }));
     assert_eq!(t.names(), vec!["a".to_string()]);
 }
+
+#[test]
+fn clear_blocks_keeps_what_is_asked_and_writes_in_flight() {
+    let storage = Arc::new(SimStorage::new());
+    let vol = volume(std::path::Path::new("/nowhere"), SIZE);
+    let t = Tracker::open_with(&vol, SMALL, storage.clone()).unwrap();
+    t.create("r").unwrap();
+    t.create("other").unwrap();
+    drop(t.begin_write_inline(0, 10 * BS).unwrap());
+    drop(t.begin_write_inline(100 * BS, BS).unwrap());
+    let in_flight = t.begin_write_inline(5 * BS, BS).unwrap();
+    let cleared = t.clear_blocks("r", 0, 50, |b| b == 3).unwrap();
+    assert_eq!(cleared, 9, "blocks 0..10 but 3");
+    assert_eq!(dirty_blocks(&t, "r"), BTreeSet::from([3, 100]));
+    drop(in_flight); // ends after the clear: its bit comes back
+    assert_eq!(dirty_blocks(&t, "r"), BTreeSet::from([3, 5, 100]));
+    assert_eq!(dirty_blocks(&t, "other").len(), 11, "other bitmaps untouched");
+    assert!(matches!(t.clear_blocks("zz", 0, 1, |_| false), Err(CbtError::NoSuchBitmap { .. })));
+    // Past the end is ignored.
+    assert_eq!(t.clear_blocks("r", 90, u64::MAX, |_| false).unwrap(), 1);
+    assert_eq!(dirty_blocks(&t, "r"), BTreeSet::from([3, 5]));
+
+    // Not written back yet: a crash brings the cleared bits back (a superset, never less).
+    let crashed = Tracker::open_with(&vol, SMALL, Arc::new(storage.crash(|_, _| Fate::Dropped)));
+    let d = dirty_blocks(&crashed.unwrap(), "r");
+    assert!([3, 5].iter().all(|b| d.contains(b)), "{d:?}");
+    // Written back (here by a clean stop): the clear persists.
+    t.close().unwrap();
+    let t2 = Tracker::open_with(&vol, SMALL, Arc::new(storage.crash(|_, _| Fate::Dropped)));
+    assert_eq!(dirty_blocks(&t2.unwrap(), "r"), BTreeSet::from([3, 5]));
+}
+
+#[test]
+fn clear_blocks_asks_again_after_clearing() {
+    // A writer records its block where `keep` looks between the first question and the
+    // clear (as the replication capture does before its tracking ends): the bit stays.
+    let storage = Arc::new(SimStorage::new());
+    let vol = volume(std::path::Path::new("/nowhere"), SIZE);
+    let t = Tracker::open_with(&vol, SMALL, storage).unwrap();
+    t.create("r").unwrap();
+    drop(t.begin_write_inline(0, 4 * BS).unwrap());
+    let asked = std::sync::Mutex::new(Vec::new());
+    let cleared = t
+        .clear_blocks("r", 0, 4, |b| {
+            let mut a = asked.lock().unwrap();
+            a.push(b);
+            // Block 2: not held when first asked, held when asked again.
+            b == 2 && a.iter().filter(|&&x| x == 2).count() > 1
+        })
+        .unwrap();
+    assert_eq!(cleared, 3);
+    assert_eq!(dirty_blocks(&t, "r"), BTreeSet::from([2]));
+    assert_eq!(*asked.lock().unwrap(), vec![0, 1, 2, 3, 0, 1, 2, 3]);
+}
+
+#[test]
+fn dirty_runs_in_blocks() {
+    let storage = Arc::new(SimStorage::new());
+    let vol = volume(std::path::Path::new("/nowhere"), SIZE);
+    let t = Tracker::open_with(&vol, SMALL, storage).unwrap();
+    t.create("r").unwrap();
+    assert_eq!(t.dirty_runs("r", 0, u64::MAX).unwrap(), vec![]);
+    drop(t.begin_write_inline(2 * BS, 3 * BS).unwrap());
+    drop(t.begin_write_inline(40_000 * BS / 40, 100).unwrap());
+    drop(t.begin_write_inline(SIZE - BS, BS).unwrap());
+    let last = SIZE / BS - 1;
+    assert_eq!(t.dirty_runs("r", 0, u64::MAX).unwrap(), vec![(2, 3), (1000, 1), (last, 1)]);
+    assert_eq!(t.dirty_runs("r", 3, 998).unwrap(), vec![(3, 2), (1000, 1)]);
+    assert_eq!(t.dirty_runs("r", 3, 997).unwrap(), vec![(3, 2)]);
+    assert_eq!(t.dirty_runs("r", last + 1, 10).unwrap(), vec![]);
+    assert!(t.dirty_runs("zz", 0, 1).is_err());
+}
