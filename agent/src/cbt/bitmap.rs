@@ -399,7 +399,7 @@ mod tests {
                 bm.take_dirty(p);
             }
             let b = (a + n).min(len);
-            let keep = |i: u64| i % modulus == 0;
+            let keep = |i: u64| i.is_multiple_of(modulus);
             let before = model.clone();
             model.retain(|&i| i < a || i >= b || keep(i));
             let cleared = bm.clear_range(a, b, keep);
