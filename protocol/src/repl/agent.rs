@@ -519,8 +519,18 @@ impl AgentSession {
         }
         self.drop_retained();
         if self.link == Link::Up {
-            let state = self.replica.unwrap_or(ReplicaState::Consistent);
-            self.start_resync(now, state);
+            match self.replica {
+                Some(ReplicaState::Consistent) => self.start_resync(now, ReplicaState::Consistent),
+                _ => {
+                    // The first copy writes straight into the replica's image, which is only
+                    // right when no journaled batch comes before it in the chain: start the
+                    // initial sync again on a new session (the target forgets the old one's
+                    // uncommitted batches; what was copied already is compared, not resent).
+                    let reason =
+                        "epoch buffer overflow during the initial sync: restarting it".to_string();
+                    self.disconnect(now, reason, self.cfg.reconnect_min);
+                }
+            }
         }
     }
 
