@@ -28,6 +28,7 @@ use tracing::{debug, info, warn};
 use super::{Export, Exports, Shared, HANDSHAKE_TIMEOUT};
 use crate::cbt::{CbtError, Tracker, WriteGuard};
 use crate::engine::{Engine, EngineError, IoBuf};
+use crate::repl::capture::{Capture, CaptureGuard};
 use crate::stats::IoStats;
 
 /// Bytes read from the socket at a time into the request buffer (allocated when the
@@ -221,6 +222,8 @@ impl ContextKind {
 struct Ctx {
     engine: Arc<Engine>,
     tracker: Option<Arc<Tracker>>,
+    /// The volume's epoch buffer when it is replicated asynchronously.
+    capture: Option<Arc<Capture>>,
     stats: Arc<IoStats>,
     contexts: Vec<(u32, ContextKind)>,
 }
@@ -234,7 +237,7 @@ async fn transmission<S: Transport>(
     peer: &str,
 ) -> Result<(), ConnError> {
     let exports: &Exports = &shared.exports;
-    let Export { engine, stats, tracker, .. } = &exports.exports[n.export];
+    let Export { engine, stats, tracker, capture, .. } = &exports.exports[n.export];
     info!(%peer, export = %n.name, structured = n.structured_replies, tls = n.tls, "client attached");
     let contexts: Vec<(u32, ContextKind)> = n
         .meta_contexts
@@ -253,6 +256,7 @@ async fn transmission<S: Transport>(
     let ctx = Arc::new(Ctx {
         engine: engine.clone(),
         tracker: tracker.clone(),
+        capture: capture.clone(),
         stats: stats.clone(),
         contexts,
     });
@@ -435,8 +439,14 @@ async fn execute(req: &Request, payload: Option<IoBuf>, ctx: &Ctx) -> Body {
             }
             Command::Write { fua } => {
                 if let Some(buf) = payload {
+                    // Order: capture begin, tracking begin, disk, capture, tracking end (see
+                    // `capture_begin`). A failed write captures nothing.
+                    let captured = capture_begin(ctx, offset, u64::from(len)).await;
                     let _tracked = track(ctx, offset, u64::from(len)).await?;
-                    engine.write(offset, buf, fua).await?;
+                    let buf = engine.write(offset, buf, fua).await?;
+                    if let Some(g) = captured {
+                        g.data(buf.as_slice());
+                    }
                 }
                 stats.write(u64::from(len));
                 Ok(Body::Ok)
@@ -448,8 +458,12 @@ async fn execute(req: &Request, payload: Option<IoBuf>, ctx: &Ctx) -> Body {
             }
             Command::Trim { fua } => {
                 for (at, n) in pieces(ctx, offset, u64::from(len)) {
+                    let captured = capture_begin(ctx, at, n).await;
                     let _tracked = track(ctx, at, n).await?;
                     engine.trim(at, n).await?;
+                    if let Some(g) = captured {
+                        g.zero();
+                    }
                 }
                 if fua {
                     engine.flush().await?;
@@ -459,8 +473,12 @@ async fn execute(req: &Request, payload: Option<IoBuf>, ctx: &Ctx) -> Body {
             }
             Command::WriteZeroes { fua, no_hole, fast } => {
                 for (at, n) in pieces(ctx, offset, u64::from(len)) {
+                    let captured = capture_begin(ctx, at, n).await;
                     let _tracked = track(ctx, at, n).await?;
                     engine.write_zeroes(at, n, no_hole, fast).await?;
+                    if let Some(g) = captured {
+                        g.zero();
+                    }
                 }
                 if fua {
                     engine.flush().await?;
@@ -529,6 +547,19 @@ async fn track(ctx: &Ctx, offset: u64, len: u64) -> Result<Option<WriteGuard<'_>
             Err(e) => Err(EngineError::Tracking(e)),
         },
         _ => Ok(None),
+    }
+}
+
+/// Starts capturing a write, trim or zeroing of `[offset, offset + len)` for async
+/// replication (DESIGN.md, primary write path step 5): waits while an overlapping write is in
+/// flight, so overlapping writes reach the disk and the epoch buffer in the same order. Taken
+/// before [`track`], and the guard is used (`data`/`zero`) before the tracking guard is
+/// dropped: a bitmap clear racing with the write then either sees the block in the buffer or
+/// is undone by the tracking guard's end. Without replication: nothing, not even a wait.
+async fn capture_begin(ctx: &Ctx, offset: u64, len: u64) -> Option<CaptureGuard<'_>> {
+    match &ctx.capture {
+        Some(c) => Some(c.begin(offset, len).await),
+        None => None,
     }
 }
 
@@ -743,4 +774,119 @@ async fn write_all_vectored<W: AsyncWrite + Unpin>(
         IoSlice::advance_slices(&mut s, n);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod capture_tests {
+    //! The replication hook of the write path: what reached the disk is what is captured.
+    use super::*;
+    use crate::engine::{CacheMode, EngineKind, EngineOptions};
+    use crate::repl::capture::Block;
+    use crate::volume::Volume;
+
+    const SIZE: u64 = 1 << 20;
+    const BS: u64 = 4096;
+
+    fn ctx(dir: &std::path::Path, capture: Option<Arc<Capture>>, read_only: bool) -> Ctx {
+        let vdir = dir.join("vol");
+        let volume = match Volume::open(&vdir) {
+            Ok(v) => v,
+            Err(_) => Volume::create(&vdir, SIZE, BS, Some("v")).unwrap(),
+        };
+        let options =
+            EngineOptions { kind: EngineKind::Sync, cache: CacheMode::Writeback, read_only };
+        let engine = Engine::open(&volume.image_path(), options).unwrap();
+        let tracker = Tracker::open(&volume, crate::cbt::TrackerOptions::default()).unwrap();
+        tracker.create("repl").unwrap_or_else(|_| tracker.info("repl").unwrap());
+        let stats = Arc::new(IoStats::default());
+        Ctx { engine, tracker: Some(tracker), capture, stats, contexts: Vec::new() }
+    }
+
+    async fn run(ctx: &Ctx, command: Command, offset: u64, data: &[u8], len: u32) -> bool {
+        let req = Request { cookie: 1, offset, length: len, command };
+        let payload = (!data.is_empty()).then(|| IoBuf::from_slice(data));
+        matches!(execute(&req, payload, ctx).await, Body::Ok)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn writes_trims_and_zeroings_are_captured() {
+        let tmp = tempfile::tempdir().unwrap();
+        let c = Capture::new(SIZE, BS as u32, 1 << 20);
+        c.set_buffering(true);
+        let ctx = ctx(tmp.path(), Some(c.clone()), false);
+        let tracker = ctx.tracker.clone().unwrap();
+        let data: Vec<u8> = (0..3 * BS).map(|i| (i % 253) as u8).collect();
+        assert!(run(&ctx, Command::Write { fua: false }, 0, &data, data.len() as u32).await);
+        assert!(run(&ctx, Command::Trim { fua: false }, 4 * BS, &[], 2 * BS as u32).await);
+        let zeroes = Command::WriteZeroes { fua: true, no_hole: true, fast: false };
+        assert!(run(&ctx, zeroes, 8 * BS, &[], BS as u32).await);
+        // The buffered blocks keep their bits when the bitmap is cleared behind them.
+        let keep = |b| c.newest_holder(b).is_some();
+        tracker.clear_blocks("repl", 0, SIZE / BS, keep).unwrap();
+        let dirty: Vec<(u64, u64)> = tracker.dirty_runs("repl", 0, u64::MAX).unwrap();
+        assert_eq!(dirty, vec![(0, 3), (4, 2), (8, 1)]);
+
+        let e = c.close_epoch().unwrap();
+        for b in 0..3 {
+            let want = &data[(b * BS) as usize..((b + 1) * BS) as usize];
+            match e.get(b) {
+                Some(Block::Data { data, crc }) => {
+                    assert_eq!(&data[..], want);
+                    assert_eq!(crc, crc32c::crc32c(want));
+                }
+                other => panic!("block {b}: {other:?}"),
+            }
+        }
+        for b in [4, 5, 8] {
+            assert_eq!(e.get(b), Some(Block::Zero), "block {b}");
+        }
+        assert_eq!(e.block_count(), 6);
+        // Committed: released, the bits go.
+        c.release(&e);
+        tracker.clear_blocks("repl", 0, SIZE / BS, |b| c.newest_holder(b).is_some()).unwrap();
+        assert_eq!(tracker.dirty_runs("repl", 0, u64::MAX).unwrap(), vec![]);
+        tracker.close().unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_write_captures_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        drop(ctx(tmp.path(), None, false)); // creates the volume
+        let c = Capture::new(SIZE, BS as u32, 1 << 20);
+        c.set_buffering(true);
+        let ctx = ctx(tmp.path(), Some(c.clone()), true);
+        assert!(!run(&ctx, Command::Write { fua: false }, 0, &[1; BS as usize], BS as u32).await);
+        assert!(c.close_epoch().is_none());
+        // The failed write released its range: the next one does not wait.
+        let g = tokio::time::timeout(std::time::Duration::from_secs(5), c.begin(0, BS)).await;
+        drop(g.expect("no write in flight"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bind_with_attaches_matching_captures_only() {
+        use crate::config::{Config, VolumeConfig};
+        use crate::nbd::{ServeError, Server};
+        use std::collections::HashMap;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("vol");
+        Volume::create(&dir, SIZE, BS, Some("v")).unwrap();
+        let config = Config {
+            unix: Some(tmp.path().join("nbd.sock")),
+            volumes: vec![VolumeConfig::new(&dir)],
+            ..Config::default()
+        };
+        let bind = |name: &str, size: u64| {
+            let captures = HashMap::from([(name.to_string(), Capture::new(size, BS as u32, 1))]);
+            Server::bind_with(&config, captures)
+        };
+        let e = bind("v", 2 * SIZE).await.unwrap_err();
+        assert!(matches!(&e, ServeError::Replication { name, .. } if name == "v"), "{e}");
+        let e = bind("nope", SIZE).await.unwrap_err();
+        assert!(matches!(&e, ServeError::Replication { name, .. } if name == "nope"), "{e}");
+        let server = bind("v", SIZE).await.unwrap();
+        assert!(server.shared.exports.exports[0].capture.is_some());
+        drop(server);
+        let server = Server::bind(&config).await.unwrap();
+        assert!(server.shared.exports.exports[0].capture.is_none());
+    }
 }

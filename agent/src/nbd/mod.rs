@@ -21,6 +21,7 @@ mod conn;
 mod tests;
 pub mod tls;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -39,6 +40,7 @@ use tracing::{info, warn};
 use crate::cbt::Tracker;
 use crate::config::{Config, ConfigError, TlsPolicy};
 use crate::engine::{CacheMode, Engine, EngineError, EngineOptions};
+use crate::repl::capture::Capture;
 use crate::stats::IoStats;
 use crate::volume::Volume;
 
@@ -73,6 +75,8 @@ pub enum ServeError {
     },
     #[error("TLS: {path}: {reason}")]
     Tls { path: PathBuf, reason: String },
+    #[error("replication of volume {name:?}: {reason}")]
+    Replication { name: String, reason: String },
 }
 
 /// One served volume.
@@ -83,6 +87,9 @@ pub struct Export {
     pub stats: Arc<IoStats>,
     /// Changed-block tracking; `None` when the volume's config turns it off.
     pub tracker: Option<Arc<Tracker>>,
+    /// The epoch buffer of async replication; `None` when the volume is not replicated
+    /// asynchronously (then the write path does no replication work at all).
+    pub capture: Option<Arc<Capture>>,
 }
 
 /// Every export of a server: the handshake's catalog plus what the data path needs.
@@ -156,6 +163,16 @@ impl Server {
     /// Validates the config, opens volumes and engines, loads TLS material and binds the
     /// listeners. Use port 0 to let the kernel choose (see [`Server::local_addr`]).
     pub async fn bind(config: &Config) -> Result<Server, ServeError> {
+        Server::bind_with(config, HashMap::new()).await
+    }
+
+    /// [`Server::bind`], with the epoch buffers of the volumes replicated asynchronously, by
+    /// volume name (set up by the replication driver; each must match its volume's size and
+    /// block size).
+    pub async fn bind_with(
+        config: &Config,
+        mut captures: HashMap<String, Arc<Capture>>,
+    ) -> Result<Server, ServeError> {
         let volumes = config.validate()?;
         let tls = config.tls.as_ref().map(tls::acceptor).transpose()?;
         let mut descs = Vec::with_capacity(volumes.len());
@@ -187,8 +204,29 @@ impl Server {
             } else {
                 None
             };
+            let capture = captures.remove(&volume.meta.name);
+            if let Some(c) = &capture {
+                if c.size() != engine.size() || c.block_size() != volume.meta.block_size {
+                    return Err(ServeError::Replication {
+                        name: volume.meta.name.clone(),
+                        reason: format!(
+                            "the epoch buffer is for {} bytes in blocks of {}, the volume has {} bytes in blocks of {}",
+                            c.size(),
+                            c.block_size(),
+                            engine.size(),
+                            volume.meta.block_size
+                        ),
+                    });
+                }
+            }
             let stats = Arc::new(IoStats::default());
-            exports.push(Export { volume, engine, stats, tracker });
+            exports.push(Export { volume, engine, stats, tracker, capture });
+        }
+        if let Some(name) = captures.into_keys().next() {
+            return Err(ServeError::Replication {
+                name,
+                reason: "an epoch buffer was given for a volume the config does not serve".into(),
+            });
         }
         let handshake = HandshakeConfig {
             tls_available: tls.is_some(),
