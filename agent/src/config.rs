@@ -59,6 +59,8 @@ pub struct Config {
     pub tls: Option<TlsConfig>,
     /// The admin interface (HTTP + JSON on a Unix socket): change tracking, later status.
     pub admin: Option<PathBuf>,
+    /// This agent's QUIC identity (`blockferry keygen --dir`), needed by replication.
+    pub key_dir: Option<PathBuf>,
     #[serde(default, rename = "volume")]
     pub volumes: Vec<VolumeConfig>,
 }
@@ -94,6 +96,75 @@ pub struct VolumeConfig {
     pub al_extent_size: Option<u64>,
     /// Extents in the activity log: the hot set (default 1024).
     pub al_extents: Option<u32>,
+    /// Replication to a DR target (`[volume.replication]`).
+    pub replication: Option<ReplicationConfig>,
+}
+
+/// `[volume.replication]`: where and how a volume replicates.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ReplicationConfig {
+    /// The target's QUIC address.
+    pub target: SocketAddr,
+    /// The target certificate's SHA-256 (`blockferry keygen --show` on the target).
+    pub target_fingerprint: blockferry_link::Fingerprint,
+    /// `async` (acknowledged locally, shipped in epochs). `sync` comes with issue 5.
+    #[serde(default = "default_mode")]
+    pub mode: String,
+    /// `lz4` (default), `zstd`, `zstd:LEVEL` or `off`.
+    #[serde(default = "default_compression")]
+    pub compression: String,
+    /// Epoch buffer per volume (default 256M); beyond it the volume goes behind.
+    #[serde(default, with = "opt_size")]
+    pub budget: Option<u64>,
+    /// Epochs close this often (default 1000 ms).
+    pub epoch_interval_ms: Option<u64>,
+    /// Bandwidth limit in bytes per second (K/M/G suffixes), none by default.
+    #[serde(default, with = "opt_size")]
+    pub bandwidth: Option<u64>,
+}
+
+fn default_mode() -> String {
+    "async".into()
+}
+
+fn default_compression() -> String {
+    "lz4".into()
+}
+
+impl ReplicationConfig {
+    /// The options of the replication driver, checked.
+    pub fn options(&self) -> Result<crate::repl::shipper::ReplicationOptions, String> {
+        let mut o =
+            crate::repl::shipper::ReplicationOptions::new(self.target, self.target_fingerprint);
+        o.mode = match self.mode.as_str() {
+            "async" => blockferry_protocol::repl::Mode::Async,
+            "sync" => return Err("mode = \"sync\" is not available yet: use \"async\"".into()),
+            m => return Err(format!("mode = {m:?}: use \"async\"")),
+        };
+        o.compression = blockferry_protocol::repl::Compression::parse(&self.compression)
+            .ok_or_else(|| {
+                format!(
+                    "compression = {:?}: use lz4, zstd, zstd:LEVEL (1-19) or off",
+                    self.compression
+                )
+            })?;
+        if let Some(b) = self.budget {
+            if b < 1 << 20 {
+                return Err(format!("budget = {b}: at least 1M"));
+            }
+            o.budget = b;
+        }
+        if let Some(ms) = self.epoch_interval_ms {
+            if !(10..=60_000).contains(&ms) {
+                return Err(format!("epoch-interval-ms = {ms}: between 10 and 60000"));
+            }
+            o.epoch_interval = std::time::Duration::from_millis(ms);
+        }
+        o.bandwidth = self.bandwidth;
+        o.epoch_bytes = (o.budget / 4).max(1 << 20);
+        Ok(o)
+    }
 }
 
 fn yes() -> bool {
@@ -145,6 +216,7 @@ impl VolumeConfig {
             change_tracking: true,
             al_extent_size: None,
             al_extents: None,
+            replication: None,
         }
     }
 }
@@ -184,6 +256,8 @@ pub enum ConfigError {
     TlsWithoutCert { name: String, mode: TlsPolicy },
     #[error("[tls] {what} file {path} does not exist")]
     TlsFileMissing { what: &'static str, path: PathBuf },
+    #[error("volume {name:?}: [volume.replication] {reason}")]
+    Replication { name: String, reason: String },
 }
 
 impl Config {
@@ -238,6 +312,27 @@ impl Config {
             let mode = self.volume_tls(vc);
             if mode != TlsPolicy::Off && self.tls.is_none() {
                 return Err(ConfigError::TlsWithoutCert { name, mode });
+            }
+            if let Some(r) = &vc.replication {
+                let bad = |reason: String| ConfigError::Replication { name: name.clone(), reason };
+                r.options().map_err(bad)?;
+                if !vc.change_tracking {
+                    return Err(bad(
+                        "needs change-tracking = true (the bitmap says what the target lacks)"
+                            .into(),
+                    ));
+                }
+                if vc.read_only {
+                    return Err(bad(
+                        "a read-only volume does not change: nothing to replicate".into()
+                    ));
+                }
+                if self.key_dir.is_none() {
+                    return Err(bad(
+                        "needs key-dir (this agent's key pair: `blockferry keygen --dir DIR`)"
+                            .into(),
+                    ));
+                }
             }
             volumes.push(volume);
         }

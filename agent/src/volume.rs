@@ -66,6 +66,16 @@ pub struct VolumeMeta {
     pub name: String,
     pub size: u64,
     pub block_size: u32,
+    /// The data lineage's generation id (DESIGN.md "generation"; random, never 0). Volumes
+    /// made before replication existed get one the first time they replicate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
+}
+
+/// A random generation id (never 0).
+pub fn new_generation() -> u64 {
+    let b = *Uuid::new_v4().as_bytes();
+    u64::from_le_bytes(b[..8].try_into().unwrap_or([1; 8])).max(1)
 }
 
 impl VolumeMeta {
@@ -135,6 +145,7 @@ impl Volume {
             name,
             size,
             block_size,
+            generation: Some(new_generation()),
         };
         meta.validate()?;
         fs::create_dir_all(dir).map_err(io_err("cannot create volume directory", dir))?;
@@ -192,6 +203,18 @@ impl Volume {
             });
         }
         Ok(volume)
+    }
+
+    /// The volume's generation, made and recorded (durably) if it has none yet.
+    pub fn ensure_generation(&mut self) -> Result<u64, VolumeError> {
+        if let Some(g) = self.meta.generation {
+            return Ok(g);
+        }
+        let mut meta = self.meta.clone();
+        meta.generation = Some(new_generation());
+        write_meta(&self.dir, &meta)?;
+        self.meta = meta;
+        Ok(self.meta.generation.unwrap_or(1))
     }
 
     /// Bytes of the image actually allocated on disk.

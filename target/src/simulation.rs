@@ -111,6 +111,7 @@ pub struct SimReport {
     pub disconnects: u64,
     pub target_crashes: u64,
     pub agent_restarts: u64,
+    pub bitmap_losses: u64,
     pub overflows: u64,
     pub duplicates: u64,
     pub checks: u64,
@@ -388,7 +389,7 @@ impl Sim {
                     BatchHeader { kind, id, base }.encode(&mut out);
                     let stream = self.open_stream(out.freeze(), false);
                     self.unbuffered.clear();
-                    let set: VecDeque<u64> = if kind == BatchKind::Initial {
+                    let set: VecDeque<u64> = if kind == BatchKind::Initial || compare {
                         (0..self.p.blocks).collect()
                     } else {
                         self.bitmap.iter().copied().collect()
@@ -664,10 +665,14 @@ impl Sim {
             self.closed.clear();
             self.buffering = false;
             self.unbuffered.clear();
-            self.agent = AgentSession::new(
-                Self::agent_config(self.uuid, self.geometry, self.generation),
-                self.now,
-            );
+            let mut cfg = Self::agent_config(self.uuid, self.geometry, self.generation);
+            if self.chance(300) {
+                // The bitmap was lost (deleted, or a new one): only a full comparison is safe.
+                self.bitmap = (0..self.p.blocks).collect();
+                cfg.full_compare = true;
+                self.report.bitmap_losses += 1;
+            }
+            self.agent = AgentSession::new(cfg, self.now);
         } else if self.chance(p.p_duplicate * 10) && self.conn.is_some() {
             let finished: Vec<u64> =
                 self.streams.iter().filter(|(_, s)| s.finished).map(|(&i, _)| i).collect();
@@ -876,6 +881,7 @@ mod tests {
             total.disconnects += r.disconnects;
             total.target_crashes += r.target_crashes;
             total.agent_restarts += r.agent_restarts;
+            total.bitmap_losses += r.bitmap_losses;
             total.overflows += r.overflows;
             total.duplicates += r.duplicates;
             total.checks += r.checks;

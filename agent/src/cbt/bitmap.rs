@@ -154,7 +154,6 @@ impl Bitmap {
     }
 
     /// Whether bit `i` is set.
-    #[cfg(test)]
     pub fn get(&self, i: u64) -> bool {
         if i >= self.len {
             return false;

@@ -24,7 +24,7 @@
 //! Files (in the volume's `cbt/` directory, formats in `format.rs`): `activity.log`, and one
 //! `bitmap-NAME.cbt` per named bitmap.
 
-mod bitmap;
+pub(crate) mod bitmap;
 mod format;
 pub mod store;
 #[cfg(test)]

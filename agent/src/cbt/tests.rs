@@ -18,6 +18,7 @@ fn volume(dir: &std::path::Path, size: u64) -> Volume {
             name: "vol".into(),
             size,
             block_size: BS as u32,
+            generation: None,
         },
     }
 }

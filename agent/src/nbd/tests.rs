@@ -41,6 +41,7 @@ async fn start(
         unix: Some(unix.clone()),
         tls: None,
         admin: None,
+        key_dir: None,
         volumes: vec![vc],
     };
     if let Some((t, mode)) = tls {

@@ -47,6 +47,8 @@ use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use serde::Serialize;
+
+use crate::cbt::bitmap::Bitmap;
 use tokio::sync::Notify;
 
 /// Budget charged per stored entry (a data or reread block, a zero run) on top of its payload:
@@ -256,6 +258,11 @@ pub struct Capture {
     buffering: AtomicBool,
     overflow: AtomicBool,
     inner: Mutex<Inner>,
+    /// Blocks written while buffering was off, or whose captured data was dropped (overflow,
+    /// buffering turned off): the catch-up's next pass, and bits a bitmap clear must keep.
+    /// Writers set bits under the read lock; [`Capture::take_unbuffered`] swaps the set
+    /// under the write lock, so no bit set concurrently is lost.
+    unbuffered: std::sync::RwLock<Arc<Bitmap>>,
     in_flight: Mutex<InFlight>,
     released: Notify,
     event: Notify,
@@ -286,6 +293,9 @@ impl Capture {
                 threshold: budget / 4,
                 stats: CaptureStats { budget, ..CaptureStats::default() },
             }),
+            unbuffered: std::sync::RwLock::new(Arc::new(Bitmap::new(
+                size.div_ceil(u64::from(block_size)),
+            ))),
             in_flight: Mutex::new(InFlight::default()),
             released: Notify::new(),
             event: Notify::new(),
@@ -358,7 +368,8 @@ impl Capture {
         inner.buffering = on;
         self.buffering.store(on, Ordering::Release);
         if !on {
-            inner.open = EpochData::default();
+            let dropped = std::mem::take(&mut inner.open);
+            self.mark_dropped(&dropped);
         }
         inner.stats.buffering = on;
     }
@@ -439,6 +450,62 @@ impl Capture {
         inner.closed.iter().rev().find(|c| c.2.holds(block)).map(|c| c.0)
     }
 
+    /// Marks bytes `[offset, offset + len)` written while not buffered.
+    fn mark_unbuffered(&self, offset: u64, len: u64) {
+        let end = offset.saturating_add(len).min(self.size);
+        if offset >= end {
+            return;
+        }
+        let set = self.unbuffered.read().unwrap_or_else(|e| e.into_inner());
+        set.set_range(offset >> self.shift, ((end - 1) >> self.shift) + 1);
+    }
+
+    /// Marks every block of an epoch whose content is dropped.
+    fn mark_dropped(&self, e: &EpochData) {
+        let set = self.unbuffered.read().unwrap_or_else(|e| e.into_inner());
+        for &b in e.blocks.keys() {
+            set.set_range(b, b + 1);
+        }
+        for (&s, &end) in &e.zeros {
+            set.set_range(s, end);
+        }
+    }
+
+    /// Takes the set of blocks written unbuffered (see the field) as runs `(first, count)`,
+    /// leaving it empty.
+    pub fn take_unbuffered(&self) -> Vec<(u64, u64)> {
+        let blocks = self.size.div_ceil(u64::from(self.block_size));
+        let old = {
+            let mut w = self.unbuffered.write().unwrap_or_else(|e| e.into_inner());
+            std::mem::replace(&mut *w, Arc::new(Bitmap::new(blocks)))
+        };
+        let mut out = Vec::new();
+        let mut at = 0;
+        while at < blocks {
+            let runs = old.runs(at, blocks, 4096);
+            if runs.is_empty() {
+                break;
+            }
+            for (n, dirty) in runs {
+                if dirty {
+                    out.push((at, n));
+                }
+                at += n;
+            }
+        }
+        out
+    }
+
+    /// True if block `b` was written unbuffered since the last [`Capture::take_unbuffered`].
+    pub fn is_unbuffered(&self, b: u64) -> bool {
+        self.unbuffered.read().unwrap_or_else(|e| e.into_inner()).get(b)
+    }
+
+    /// When the open epoch's first write was captured.
+    pub fn open_oldest(&self) -> Option<Instant> {
+        lock(&self.inner).open.oldest
+    }
+
     pub fn stats(&self) -> CaptureStats {
         let inner = lock(&self.inner);
         let mut s = inner.stats.clone();
@@ -455,8 +522,11 @@ impl Capture {
 
     /// Records completed data `data` at `offset`.
     fn record(&self, offset: u64, data: &[u8]) {
-        if !self.buffering() || data.is_empty() {
+        if data.is_empty() {
             return;
+        }
+        if !self.buffering() {
+            return self.mark_unbuffered(offset, data.len() as u64);
         }
         let end = (offset + data.len() as u64).min(self.size);
         if offset >= end {
@@ -480,7 +550,8 @@ impl Capture {
         }
         let mut inner = lock(&self.inner);
         if !inner.buffering {
-            return;
+            drop(inner);
+            return self.mark_unbuffered(offset, end - offset);
         }
         let before = inner.open.bytes;
         let mut coalesced = 0;
@@ -497,8 +568,11 @@ impl Capture {
 
     /// Records a completed trim or zeroing of `[offset, offset + len)`.
     fn record_zero(&self, offset: u64, len: u64) {
-        if !self.buffering() || len == 0 {
+        if len == 0 {
             return;
+        }
+        if !self.buffering() {
+            return self.mark_unbuffered(offset, len);
         }
         let end = offset.saturating_add(len).min(self.size);
         if offset >= end {
@@ -511,7 +585,8 @@ impl Capture {
         let (first, last) = (offset >> self.shift, (end - 1) >> self.shift);
         let mut inner = lock(&self.inner);
         if !inner.buffering {
-            return;
+            drop(inner);
+            return self.mark_unbuffered(offset, end - offset);
         }
         let before = inner.open.bytes;
         let mut coalesced = 0;
@@ -579,7 +654,8 @@ impl Capture {
         }
         let after = inner.open.bytes;
         if after + inner.closed_bytes > self.budget {
-            inner.open = EpochData::default();
+            let dropped = std::mem::take(&mut inner.open);
+            self.mark_dropped(&dropped);
             inner.buffering = false;
             inner.stats.buffering = false;
             inner.stats.overflows += 1;
@@ -674,6 +750,14 @@ pub enum RunContent {
 }
 
 impl ClosedEpoch {
+    /// The block ranges `[first, end)` it holds, in order (for bitmap clearing).
+    pub fn block_ranges(&self) -> Vec<(u64, u64)> {
+        let mut v: Vec<(u64, u64)> = self.data.blocks.keys().map(|&b| (b, b + 1)).collect();
+        v.extend(self.data.zeros.iter().map(|(&s, &e)| (s, e)));
+        v.sort_unstable();
+        v
+    }
+
     /// What the epoch holds for block `b`.
     pub fn get(&self, b: u64) -> Option<Block> {
         self.data.get(b)

@@ -54,6 +54,9 @@ pub struct AgentConfig {
     pub window: usize,
     /// A draining catch-up turns buffering back on when this many bytes are left to read.
     pub final_threshold: u64,
+    /// The bitmap cannot be trusted to cover what the replica lacks (it was just created, or
+    /// lost): the first catch-up compares every block's hash instead of reading the bitmap.
+    pub full_compare: bool,
 }
 
 impl AgentConfig {
@@ -66,6 +69,7 @@ impl AgentConfig {
             error_backoff: Duration::from_secs(2),
             window: 64,
             final_threshold: 64 << 20,
+            full_compare: false,
         }
     }
 }
@@ -88,10 +92,11 @@ pub enum Action {
         id: Epoch,
         base: Epoch,
     },
-    /// Start a resync or initial batch `id` on `base`: snapshot the bitmap into the pass's
-    /// to-send set (initial: every block, `compare` = ask the target's hashes first and send
-    /// only blocks that differ; otherwise skip blocks that are zero at the source and the
-    /// target is empty) and stream the blocks; report `resync_progress` now and then.
+    /// Start a resync or initial batch `id` on `base` and stream its blocks; report
+    /// `resync_progress` now and then. The first pass reads: with `compare`, every block,
+    /// sending only those whose blake3 differs from the target's (hash requests); else for a
+    /// resync the bitmap's dirty blocks, for an initial sync (empty replica) the image's
+    /// allocated blocks that are not zero.
     StartResync {
         id: Epoch,
         base: Epoch,
@@ -438,8 +443,9 @@ impl AgentSession {
                 "the target's committed epoch went back to {}; comparing the whole volume",
                 w.committed
             ));
-            self.start_resync(now, ReplicaState::Seeded);
-        } else if w.state == ReplicaState::Consistent && self.clean {
+            self.cfg.full_compare = true;
+            self.start_resync(now, w.state);
+        } else if w.state == ReplicaState::Consistent && self.clean && !self.cfg.full_compare {
             self.pump();
         } else {
             self.start_resync(now, w.state);
@@ -462,12 +468,12 @@ impl AgentSession {
         self.tail = id;
         self.resyncs.push(Resync { id, kind, phase: Phase::Draining, through: ABANDONED });
         self.counters.resyncs += 1;
-        self.actions.push_back(Action::StartResync {
-            id,
-            base,
-            kind,
-            compare: replica == ReplicaState::Seeded,
-        });
+        let compare = match replica {
+            ReplicaState::Seeded => true,
+            ReplicaState::Consistent => self.cfg.full_compare,
+            ReplicaState::Empty => false,
+        };
+        self.actions.push_back(Action::StartResync { id, base, kind, compare });
     }
 
     /// The capture closed epoch `seq` (non-empty).
@@ -584,6 +590,7 @@ impl AgentSession {
             // Every write since the resync's final phase began is in an epoch: buffered mode.
             self.clean = true;
             self.behind_since = None;
+            self.cfg.full_compare = false;
             Clear::All
         } else if self.clean {
             Clear::Epochs

@@ -1,0 +1,696 @@
+//! The replication driver of one volume: pumps the sans-IO [`AgentSession`] with QUIC, the
+//! epoch buffer ([`Capture`]), the image (catch-up reads) and the change-tracking bitmap.
+//!
+//! ```text
+//!   NBD writes ─► Capture (epochs) ──► SendEpoch: one uni stream per epoch ─┐
+//!            └──► Tracker bitmap "replication" ─► resync task: reads image ─┤──► target
+//!   control stream (hello, committed, failed, hashes) ◄──── reader task ◄───┘
+//! ```
+//! One task owns the session and executes its actions in order; connection, epoch streams and
+//! resync passes run in their own tasks and report back through one channel. Events of an
+//! older connection are ignored (each carries the connection number).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use blockferry_link::{Fingerprint, Identity};
+use blockferry_protocol::repl::agent::{Action, AgentConfig, AgentSession, Clear, State};
+use blockferry_protocol::repl::frame::{BatchWriter, Frame, DEFAULT_MAX_FRAME};
+use blockferry_protocol::repl::msg::{self, AgentMsg, Hello, Mode, TargetMsg, VERSION};
+use blockferry_protocol::repl::{
+    BatchHeader, BatchKind, Compression, Epoch, Generation, Geometry, VolumeId,
+};
+use bytes::{Bytes, BytesMut};
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{debug, info, warn};
+
+use super::capture::{Capture, ClosedEpoch, RunContent};
+use super::limiter::Limiter;
+use crate::cbt::Tracker;
+use crate::volume::Volume;
+
+/// The change-tracking bitmap that holds what the target does not have yet.
+pub const BITMAP: &str = "replication";
+
+/// How a volume replicates (config `[volume.replication]`).
+#[derive(Debug, Clone)]
+pub struct ReplicationOptions {
+    pub target: SocketAddr,
+    pub fingerprint: Fingerprint,
+    pub mode: Mode,
+    pub compression: Compression,
+    /// Epoch buffer budget in bytes (default 256 MiB).
+    pub budget: u64,
+    pub epoch_interval: Duration,
+    /// An epoch also closes when it holds this many bytes.
+    pub epoch_bytes: u64,
+    /// Bytes per second on the wire, if limited.
+    pub bandwidth: Option<u64>,
+}
+
+impl ReplicationOptions {
+    pub fn new(target: SocketAddr, fingerprint: Fingerprint) -> ReplicationOptions {
+        ReplicationOptions {
+            target,
+            fingerprint,
+            mode: Mode::Async,
+            compression: Compression::Lz4,
+            budget: 256 << 20,
+            epoch_interval: Duration::from_secs(1),
+            epoch_bytes: 64 << 20,
+            bandwidth: None,
+        }
+    }
+}
+
+/// What `status` shows of a volume's replication.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ReplStatus {
+    pub volume: String,
+    pub mode: String,
+    pub target: String,
+    pub state: String,
+    /// Bytes of the volume the target does not have yet (dirty blocks of the bitmap).
+    pub lag_bytes: u64,
+    /// Epochs closed and not committed.
+    pub lag_epochs: u64,
+    /// Age of the oldest write the target has not committed (0 when none).
+    pub rpo_seconds: f64,
+    pub last_committed_epoch: u64,
+    /// Block bytes shipped / bytes on the wire (payload + frame headers).
+    pub data_bytes_sent: u64,
+    pub wire_bytes_sent: u64,
+    pub compression_ratio: f64,
+    /// Wire bytes per second over the last few seconds.
+    pub throughput_bps: f64,
+    pub buffered_bytes: u64,
+    pub resync: Option<ResyncStatus>,
+    pub last_error: Option<String>,
+    pub connects: u64,
+    pub disconnects: u64,
+    pub overflows: u64,
+    pub epochs_sent: u64,
+    pub commits: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ResyncStatus {
+    pub kind: String,
+    pub id: u64,
+    pub phase: String,
+    /// Bytes read and looked at so far / in the current pass's set at its start.
+    pub done_bytes: u64,
+    pub total_bytes: u64,
+    pub sent_bytes: u64,
+    pub skipped_bytes: u64,
+}
+
+/// A running replication: its status, and a way to ask for an epoch boundary now.
+#[derive(Debug, Clone)]
+pub struct Replicator {
+    status: Arc<Mutex<ReplStatus>>,
+    close: mpsc::UnboundedSender<()>,
+}
+
+impl Replicator {
+    pub fn status(&self) -> ReplStatus {
+        self.status.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Closes the open epoch now (a flush barrier or a quiesce point).
+    pub fn close_epoch(&self) {
+        let _ = self.close.send(());
+    }
+}
+
+/// Everything the driver needs of the volume.
+#[derive(Debug, Clone)]
+pub struct VolumeParts {
+    pub volume: Volume,
+    pub generation: Generation,
+    pub tracker: Arc<Tracker>,
+    pub capture: Arc<Capture>,
+}
+
+#[derive(Debug)]
+enum Event {
+    Connected { conn: u64, connection: quinn::Connection, control: quinn::SendStream },
+    ConnectFailed { conn: u64, reason: String },
+    Control { conn: u64, msg: TargetMsg },
+    Lost { conn: u64, reason: String },
+    Progress { id: Epoch, remaining: u64 },
+    ReadDone { id: Epoch },
+    ResyncFailed { id: Epoch, reason: String },
+}
+
+#[derive(Default, Debug)]
+pub(super) struct Counters {
+    pub data: AtomicU64,
+    pub wire: AtomicU64,
+}
+
+/// Shared with the resync task: its progress for status.
+#[derive(Default, Debug)]
+pub(super) struct ResyncProgress {
+    pub done: AtomicU64,
+    pub total: AtomicU64,
+    pub sent: AtomicU64,
+    pub skipped: AtomicU64,
+}
+
+struct Running {
+    id: Epoch,
+    kind: BatchKind,
+    end: Option<oneshot::Sender<Epoch>>,
+    hashes: mpsc::UnboundedSender<TargetMsg>,
+    progress: Arc<ResyncProgress>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+struct Driver {
+    parts: VolumeParts,
+    opts: ReplicationOptions,
+    endpoint: quinn::Endpoint,
+    client: quinn::ClientConfig,
+    session: AgentSession,
+    events_tx: mpsc::UnboundedSender<Event>,
+    conn_no: u64,
+    connection: Option<(quinn::Connection, quinn::SendStream)>,
+    retained: BTreeMap<u64, Arc<ClosedEpoch>>,
+    resyncs: HashMap<Epoch, Running>,
+    counters: Arc<Counters>,
+    limiter: Option<Arc<Limiter>>,
+    status: Arc<Mutex<ReplStatus>>,
+    /// Messages resync tasks send on the control stream (hash requests).
+    ctl_tx: mpsc::UnboundedSender<AgentMsg>,
+    rate: (Instant, u64, f64),
+    published: Instant,
+    phase: &'static str,
+}
+
+/// Starts replicating `parts` to the target; runs until `shutdown` turns true.
+pub fn spawn(
+    parts: VolumeParts,
+    opts: ReplicationOptions,
+    identity: &Identity,
+    endpoint: quinn::Endpoint,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<Replicator, blockferry_link::LinkError> {
+    let client = blockferry_link::client_config(identity, opts.fingerprint)?;
+    let meta = &parts.volume.meta;
+    let geometry = Geometry::new(meta.size, meta.block_size)
+        .expect("volume metadata is validated when the volume is opened");
+    let hello = Hello {
+        version: VERSION,
+        volume: VolumeId(*meta.uuid.as_bytes()),
+        name: meta.name.clone(),
+        geometry,
+        generation: parts.generation,
+        history: vec![],
+        mode: opts.mode,
+        compression: vec![opts.compression],
+        max_frame: DEFAULT_MAX_FRAME,
+    };
+    let mut cfg = AgentConfig::new(hello);
+    cfg.epoch_interval = opts.epoch_interval;
+    let status = Arc::new(Mutex::new(ReplStatus {
+        volume: meta.name.clone(),
+        mode: match opts.mode {
+            Mode::Async => "async".into(),
+            Mode::Sync => "sync".into(),
+        },
+        target: opts.target.to_string(),
+        ..ReplStatus::default()
+    }));
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let (close_tx, mut close_rx) = mpsc::unbounded_channel();
+    let (ctl_tx, mut ctl_rx) = mpsc::unbounded_channel();
+    let now = Instant::now();
+    let mut d = Driver {
+        session: AgentSession::new(cfg, now),
+        limiter: opts.bandwidth.map(|b| Arc::new(Limiter::new(b))),
+        parts,
+        opts,
+        endpoint,
+        client,
+        events_tx,
+        conn_no: 0,
+        connection: None,
+        retained: BTreeMap::new(),
+        resyncs: HashMap::new(),
+        counters: Arc::new(Counters::default()),
+        status: status.clone(),
+        ctl_tx,
+        rate: (now, 0, 0.0),
+        published: now - Duration::from_secs(1),
+        phase: "",
+    };
+    tokio::spawn(async move {
+        info!(volume = %d.parts.volume.meta.name, target = %d.opts.target, "replication started");
+        loop {
+            while let Some(a) = d.session.poll_action() {
+                d.exec(a).await;
+            }
+            d.publish();
+            let deadline =
+                d.session.poll_timeout().unwrap_or(Instant::now() + Duration::from_secs(1));
+            let capture = d.parts.capture.clone();
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline.into()) => d.session.handle_timeout(Instant::now()),
+                Some(ev) = events.recv() => d.event(ev),
+                Some(()) = close_rx.recv() => d.session.close_now(Instant::now()),
+                Some(m) = ctl_rx.recv() => d.send(&m).await,
+                _ = capture.wait_event() => {
+                    let now = Instant::now();
+                    if capture.take_overflow() {
+                        warn!(volume = %d.parts.volume.meta.name, budget = d.opts.budget,
+                            "epoch buffer over budget: behind, catching up from the bitmap");
+                        d.session.overflowed(now);
+                    } else if capture.stats().open_bytes >= d.opts.epoch_bytes {
+                        d.session.close_now(now);
+                    }
+                }
+                _ = shutdown.changed() => break,
+            }
+        }
+        if let Some((c, _)) = d.connection.take() {
+            c.close(0u32.into(), b"agent shutting down");
+        }
+        for (_, r) in d.resyncs.drain() {
+            r.task.abort();
+        }
+        info!(volume = %d.parts.volume.meta.name, "replication stopped");
+    });
+    Ok(Replicator { status, close: close_tx })
+}
+
+impl Driver {
+    fn name(&self) -> &str {
+        &self.parts.volume.meta.name
+    }
+
+    fn event(&mut self, ev: Event) {
+        let now = Instant::now();
+        match ev {
+            Event::Connected { conn, connection, control } if conn == self.conn_no => {
+                info!(volume = %self.name(), target = %self.opts.target, "connected");
+                self.connection = Some((connection, control));
+                self.session.connected(now);
+            }
+            Event::ConnectFailed { conn, reason } if conn == self.conn_no => {
+                warn!(volume = %self.name(), target = %self.opts.target, "cannot connect: {reason}");
+                self.session.disconnected(now, reason);
+            }
+            Event::Lost { conn, reason } if conn == self.conn_no => {
+                if self.connection.take().is_some() {
+                    warn!(volume = %self.name(), "connection to the target lost: {reason}");
+                }
+                self.session.disconnected(now, reason);
+            }
+            Event::Control { conn, msg } if conn == self.conn_no => match msg {
+                TargetMsg::Hashes { .. } => {
+                    for r in self.resyncs.values() {
+                        let _ = r.hashes.send(msg.clone());
+                    }
+                }
+                TargetMsg::Refused(ref r) => {
+                    warn!(volume = %self.name(), "the target refused the volume: {}", r.message);
+                    self.session.handle_control(now, msg);
+                }
+                TargetMsg::Failed { ref message, .. } => {
+                    warn!(volume = %self.name(), "the target dropped a batch: {message}");
+                    self.session.handle_control(now, msg);
+                }
+                msg => self.session.handle_control(now, msg),
+            },
+            Event::Progress { id, remaining } => self.session.resync_progress(now, id, remaining),
+            Event::ReadDone { id } => self.session.resync_read_done(now, id),
+            Event::ResyncFailed { id, reason } => {
+                warn!(volume = %self.name(), resync = %id, "resync failed: {reason}");
+                if let Some((c, _)) = self.connection.take() {
+                    c.close(1u32.into(), b"resync failed");
+                }
+                self.session.disconnected(now, reason);
+            }
+            _ => {} // an older connection's event
+        }
+    }
+
+    async fn exec(&mut self, a: Action) {
+        match a {
+            Action::Connect => self.connect(),
+            Action::Disconnect { reason } => {
+                if let Some((c, _)) = self.connection.take() {
+                    c.close(1u32.into(), reason.as_bytes());
+                }
+                self.conn_no += 1;
+            }
+            Action::Send(m) => self.send(&m).await,
+            Action::CloseEpoch => {
+                let now = Instant::now();
+                match self.parts.capture.close_epoch() {
+                    Some(ep) => {
+                        let seq = ep.seq;
+                        self.retained.insert(seq, Arc::new(ep));
+                        self.session.epoch_closed(now, seq);
+                    }
+                    None => self.session.epoch_empty(now),
+                }
+            }
+            Action::SendEpoch { seq, id, base } => self.send_epoch(seq, id, base),
+            Action::StartResync { id, base, kind, compare } => {
+                self.start_resync(id, base, kind, compare)
+            }
+            Action::EndResync { id, through } => {
+                if let Some(r) = self.resyncs.get_mut(&id) {
+                    if let Some(tx) = r.end.take() {
+                        let _ = tx.send(through);
+                    }
+                }
+                if through == blockferry_protocol::repl::agent::ABANDONED {
+                    if let Some(r) = self.resyncs.remove(&id) {
+                        r.task.abort();
+                    }
+                }
+            }
+            Action::SetBuffering(on) => self.parts.capture.set_buffering(on),
+            Action::DropEpochs => {
+                for (_, ep) in std::mem::take(&mut self.retained) {
+                    self.parts.capture.release(&ep);
+                }
+            }
+            Action::DropEpoch { seq } => {
+                if let Some(ep) = self.retained.remove(&seq) {
+                    self.parts.capture.release(&ep);
+                }
+            }
+            Action::Committed { through, upto_seq, clear } => {
+                self.committed(through, upto_seq, clear)
+            }
+            Action::Stopped { code, message } => {
+                warn!(volume = %self.name(), ?code, "replication stopped by the target: {message}");
+                if let Some((c, _)) = self.connection.take() {
+                    c.close(2u32.into(), b"refused");
+                }
+            }
+        }
+    }
+
+    fn connect(&mut self) {
+        self.conn_no += 1;
+        let conn = self.conn_no;
+        let tx = self.events_tx.clone();
+        let connecting = self.endpoint.connect_with(
+            self.client.clone(),
+            self.opts.target,
+            blockferry_link::SERVER_NAME,
+        );
+        tokio::spawn(async move {
+            let r = async {
+                let connection =
+                    connecting.map_err(|e| e.to_string())?.await.map_err(|e| e.to_string())?;
+                let (control, recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
+                Ok::<_, String>((connection, control, recv))
+            }
+            .await;
+            match r {
+                Ok((connection, control, recv)) => {
+                    let _ =
+                        tx.send(Event::Connected { conn, connection: connection.clone(), control });
+                    let reason = read_control(recv, conn, &tx).await;
+                    let reason = connection.close_reason().map_or(reason, |r| r.to_string());
+                    let _ = tx.send(Event::Lost { conn, reason });
+                }
+                Err(reason) => {
+                    let _ = tx.send(Event::ConnectFailed { conn, reason });
+                }
+            }
+        });
+    }
+
+    async fn send(&mut self, m: &AgentMsg) {
+        let mut buf = BytesMut::new();
+        msg::encode(m, &mut buf);
+        if let Some((_, control)) = &mut self.connection {
+            if let Err(e) = control.write_all(&buf).await {
+                debug!("control stream write failed: {e}");
+            }
+        }
+    }
+
+    fn send_epoch(&mut self, seq: u64, id: Epoch, base: Epoch) {
+        let (Some((conn, _)), Some(ep)) = (&self.connection, self.retained.get(&seq)) else {
+            return;
+        };
+        let (compression, max_frame) = self.session.negotiated();
+        let job = EpochJob {
+            conn: conn.clone(),
+            ep: ep.clone(),
+            header: BatchHeader { kind: BatchKind::Epoch, id, base },
+            compression,
+            max_frame,
+            counters: self.counters.clone(),
+            limiter: self.limiter.clone(),
+            image: self.parts.volume.image_path(),
+        };
+        let volume = self.name().to_string();
+        tokio::spawn(async move {
+            if let Err(e) = job.run().await {
+                debug!(%volume, epoch = %id, "epoch stream ended early: {e}");
+            }
+        });
+    }
+
+    fn start_resync(&mut self, id: Epoch, base: Epoch, kind: BatchKind, compare: bool) {
+        let Some((conn, _)) = &self.connection else { return };
+        let (compression, max_frame) = self.session.negotiated();
+        let (end_tx, end_rx) = oneshot::channel();
+        let (hash_tx, hash_rx) = mpsc::unbounded_channel();
+        let progress = Arc::new(ResyncProgress::default());
+        let job = super::resync::ResyncJob {
+            conn: conn.clone(),
+            header: BatchHeader { kind, id, base },
+            compare,
+            compression,
+            max_frame,
+            parts: self.parts.clone(),
+            counters: self.counters.clone(),
+            progress: progress.clone(),
+            limiter: self.limiter.clone(),
+        };
+        let tx = self.events_tx.clone();
+        let control = self.ctl_tx.clone();
+        let task = tokio::spawn(async move {
+            let r = job
+                .run(
+                    end_rx,
+                    hash_rx,
+                    control,
+                    |remaining| {
+                        let _ = tx.send(Event::Progress { id, remaining });
+                    },
+                    || {
+                        let _ = tx.send(Event::ReadDone { id });
+                    },
+                )
+                .await;
+            if let Err(reason) = r {
+                let _ = tx.send(Event::ResyncFailed { id, reason });
+            }
+        });
+        info!(volume = %self.name(), resync = %id, ?kind, compare, "catch-up started");
+        self.resyncs
+            .insert(id, Running { id, kind, end: Some(end_tx), hashes: hash_tx, progress, task });
+    }
+
+    fn committed(&mut self, through: Epoch, upto_seq: Option<u64>, clear: Clear) {
+        let mut released = Vec::new();
+        if let Some(upto) = upto_seq {
+            let rest = self.retained.split_off(&(upto + 1));
+            released = std::mem::replace(&mut self.retained, rest).into_values().collect();
+        }
+        for ep in &released {
+            self.parts.capture.release(ep);
+        }
+        self.resyncs.retain(|id, r| {
+            if *id <= through {
+                r.task.abort();
+                false
+            } else {
+                true
+            }
+        });
+        let capture = self.parts.capture.clone();
+        let tracker = &self.parts.tracker;
+        let keep = |b: u64| capture.newest_holder(b).is_some() || capture.is_unbuffered(b);
+        let r = match clear {
+            Clear::Nothing => Ok(0),
+            Clear::All => tracker.clear_blocks(BITMAP, 0, u64::MAX, keep),
+            Clear::Epochs => {
+                let mut r = Ok(0);
+                for ep in &released {
+                    for (first, end) in ep.block_ranges() {
+                        if let Err(e) = tracker.clear_blocks(BITMAP, first, end, keep) {
+                            r = Err(e);
+                        }
+                    }
+                }
+                r
+            }
+        };
+        if let Err(e) = r {
+            warn!(volume = %self.name(), "cannot clear replicated blocks from the bitmap: {e}");
+        }
+        debug!(volume = %self.name(), through = %through, ?clear, "committed");
+    }
+
+    fn publish(&mut self) {
+        let now = Instant::now();
+        if now.duration_since(self.published) < Duration::from_millis(200) {
+            return;
+        }
+        self.published = now;
+        let s = self.session.status();
+        let wire = self.counters.wire.load(Relaxed);
+        let data = self.counters.data.load(Relaxed);
+        let (t0, w0, rate) = self.rate;
+        let dt = now.duration_since(t0).as_secs_f64();
+        if dt >= 1.0 {
+            let r = (wire - w0) as f64 / dt;
+            self.rate = (now, wire, if rate == 0.0 { r } else { 0.5 * rate + 0.5 * r });
+        }
+        let cap = self.parts.capture.stats();
+        let oldest = self
+            .retained
+            .values()
+            .map(|e| e.oldest_write)
+            .chain(self.parts.capture.open_oldest())
+            .chain(s.behind_since)
+            .min();
+        let dirty = self.parts.tracker.info(BITMAP).map(|i| i.dirty_bytes).unwrap_or(0);
+        let rpo = match oldest {
+            Some(t) if dirty > 0 || !self.retained.is_empty() || cap.open_bytes > 0 => {
+                now.duration_since(t).as_secs_f64()
+            }
+            _ => 0.0,
+        };
+        let resync = self.resyncs.values().max_by_key(|r| r.id).map(|r| ResyncStatus {
+            kind: format!("{:?}", r.kind).to_lowercase(),
+            id: r.id.0,
+            phase: s.resync.map(|(_, p)| p).unwrap_or("").to_string(),
+            done_bytes: r.progress.done.load(Relaxed),
+            total_bytes: r.progress.total.load(Relaxed),
+            sent_bytes: r.progress.sent.load(Relaxed),
+            skipped_bytes: r.progress.skipped.load(Relaxed),
+        });
+        let state = s.state;
+        if state.name() != self.phase {
+            info!(volume = %self.name(), state = state.name(), "replication state");
+            self.phase = state.name();
+        }
+        let mut st = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        st.state = state.name().into();
+        st.lag_bytes = dirty;
+        st.lag_epochs = (self.retained.len() + usize::from(cap.open_bytes > 0)) as u64;
+        st.rpo_seconds = if state == State::Stopped { rpo.max(0.0) } else { rpo };
+        st.last_committed_epoch = s.committed.0;
+        st.data_bytes_sent = data;
+        st.wire_bytes_sent = wire;
+        st.compression_ratio = if wire > 0 { data as f64 / wire as f64 } else { 1.0 };
+        st.throughput_bps = self.rate.2;
+        st.buffered_bytes = cap.held_bytes;
+        st.resync = resync;
+        st.last_error = s.last_error;
+        st.connects = s.counters.connects;
+        st.disconnects = s.counters.disconnects;
+        st.overflows = s.counters.overflows;
+        st.epochs_sent = s.counters.epochs_sent;
+        st.commits = s.counters.commits;
+    }
+}
+
+/// Reads target messages from the control stream until it ends; returns why it ended.
+async fn read_control(
+    mut recv: quinn::RecvStream,
+    conn: u64,
+    tx: &mpsc::UnboundedSender<Event>,
+) -> String {
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    loop {
+        loop {
+            match msg::decode::<TargetMsg>(&mut buf) {
+                Ok(Some(msg)) => {
+                    if tx.send(Event::Control { conn, msg }).is_err() {
+                        return "agent stopping".into();
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => return format!("bad message from the target: {e}"),
+            }
+        }
+        match recv.read_chunk(64 * 1024, true).await {
+            Ok(Some(chunk)) => buf.extend_from_slice(&chunk.bytes),
+            Ok(None) => return "the target closed the control stream".into(),
+            Err(e) => return e.to_string(),
+        }
+    }
+}
+
+/// Ships one retained epoch on its own stream.
+struct EpochJob {
+    conn: quinn::Connection,
+    ep: Arc<ClosedEpoch>,
+    header: BatchHeader,
+    compression: Compression,
+    max_frame: u32,
+    counters: Arc<Counters>,
+    limiter: Option<Arc<Limiter>>,
+    image: std::path::PathBuf,
+}
+
+impl EpochJob {
+    async fn run(self) -> Result<(), String> {
+        let mut s = self.conn.open_uni().await.map_err(|e| e.to_string())?;
+        let mut out = BytesMut::with_capacity(self.max_frame as usize + 64);
+        self.header.encode(&mut out);
+        let mut w = BatchWriter::new();
+        let mut file = None;
+        for run in self.ep.runs(self.max_frame) {
+            let frame = match run.content {
+                RunContent::Data(data) => w.data(run.offset, data, run.crc, self.compression),
+                RunContent::Zero => w.zero(run.offset, run.len as u32),
+                RunContent::Reread => {
+                    // A block written in part: its bytes come from the image (as of now,
+                    // which is at least as new as the epoch; later epochs rewrite it).
+                    let f = match &file {
+                        Some(f) => f,
+                        None => file
+                            .insert(std::fs::File::open(&self.image).map_err(|e| e.to_string())?),
+                    };
+                    let mut buf = vec![0u8; run.len as usize];
+                    f.read_exact_at(&mut buf, run.offset).map_err(|e| e.to_string())?;
+                    let crc = crc32c::crc32c(&buf);
+                    w.data(run.offset, Bytes::from(buf), crc, self.compression)
+                }
+            };
+            let wire = (frame.payload.len() + 32) as u64;
+            if let Some(l) = &self.limiter {
+                l.acquire(wire).await;
+            }
+            Frame::Data(frame).encode(&mut out);
+            s.write_all(&out).await.map_err(|e| e.to_string())?;
+            out.clear();
+            self.counters.data.fetch_add(run.len, Relaxed);
+            self.counters.wire.fetch_add(wire, Relaxed);
+        }
+        Frame::End(w.end(self.header.id)).encode(&mut out);
+        s.write_all(&out).await.map_err(|e| e.to_string())?;
+        s.finish().map_err(|e| e.to_string())?;
+        Ok(())
+    }
+}
