@@ -4,6 +4,7 @@
 //! Built so far: [`store`], the per-volume replica store (journal, commit, apply, recovery).
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod server;
 pub mod store;
 

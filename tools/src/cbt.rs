@@ -2,24 +2,16 @@
 //! admin socket (HTTP + JSON, see `blockferry_agent::admin`).
 
 use std::path::PathBuf;
-use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Result};
 use clap::Subcommand;
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Bytes;
-use hyper::header::{CONTENT_TYPE, HOST};
-use hyper::{Method, Request, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper::Method;
 use serde_json::Value;
 
 use blockferry_agent::admin::{encode_segment, DEFAULT_SOCKET};
 use blockferry_agent::size::format_size;
 
-/// How long the CLI waits for the agent's answer.
-const TIMEOUT: Duration = Duration::from_secs(120);
-/// The largest answer read (an extents list of a large, fragmented volume can be long).
-const MAX_ANSWER: usize = 1 << 30;
+use crate::client::{print_json, runtime, str_field, u64_field, Client};
 
 #[derive(Debug, clap::Args)]
 pub struct CbtArgs {
@@ -82,89 +74,12 @@ enum CbtCmd {
     },
 }
 
-/// A connection-per-request client of the admin socket.
-#[derive(Debug)]
-struct Client {
-    socket: PathBuf,
-}
-
-impl Client {
-    /// Sends one request; on a 2xx answer returns its JSON body (`Null` when empty), otherwise
-    /// fails with the agent's message.
-    async fn call(&self, method: Method, path: &str, body: Option<Value>) -> Result<Value> {
-        let sock = self.socket.display();
-        let stream = tokio::net::UnixStream::connect(&self.socket).await.map_err(|e| {
-            let hint = if e.kind() == std::io::ErrorKind::PermissionDenied {
-                "the socket is private (mode 0600) to the agent's user: run as that user".into()
-            } else {
-                format!("is `blockferry agent --admin {sock}` running?")
-            };
-            anyhow!("cannot reach the agent's admin socket {sock}: {e} ({hint})")
-        })?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .with_context(|| format!("HTTP handshake on the admin socket {sock}"))?;
-        let driver = tokio::spawn(conn);
-        let mut req = Request::builder().method(method.clone()).uri(path).header(HOST, "agent");
-        let payload = match body {
-            Some(v) => {
-                req = req.header(CONTENT_TYPE, "application/json");
-                Bytes::from(serde_json::to_vec(&v)?)
-            }
-            None => Bytes::new(),
-        };
-        let req = req.body(Full::new(payload)).context("building the request")?;
-        let exchange = async {
-            let resp = sender.send_request(req).await?;
-            let status = resp.status();
-            let body = Limited::new(resp.into_body(), MAX_ANSWER)
-                .collect()
-                .await
-                .map_err(|e| anyhow!("{e}"))?
-                .to_bytes();
-            anyhow::Ok((status, body))
-        };
-        let (status, body) = tokio::time::timeout(TIMEOUT, exchange)
-            .await
-            .map_err(|_| anyhow!("the agent did not answer {method} {path} within {TIMEOUT:?}"))?
-            .with_context(|| format!("{method} {path} on the admin socket {sock}"))?;
-        driver.abort();
-        let json: Option<Value> = serde_json::from_slice(&body).ok();
-        if !status.is_success() {
-            match json.as_ref().and_then(|v| v.get("error")).and_then(Value::as_str) {
-                Some(message) => bail!("{message}"),
-                None => bail!(
-                    "the agent answered {status} to {method} {path}: {}",
-                    String::from_utf8_lossy(&body).trim()
-                ),
-            }
-        }
-        if body.is_empty() || status == StatusCode::NO_CONTENT {
-            return Ok(Value::Null);
-        }
-        json.ok_or_else(|| anyhow!("the agent's answer to {method} {path} is not JSON"))
-    }
-}
-
 fn bitmaps_path(volume: &str) -> String {
     format!("/v1/volumes/{}/bitmaps", encode_segment(volume))
 }
 
 fn bitmap_path(volume: &str, name: &str) -> String {
     format!("{}/{}", bitmaps_path(volume), encode_segment(name))
-}
-
-fn print_json(v: &Value) -> Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
-    Ok(())
-}
-
-fn u64_field(v: &Value, key: &str) -> Result<u64> {
-    v.get(key).and_then(Value::as_u64).ok_or_else(|| anyhow!("the agent's answer has no {key}"))
-}
-
-fn str_field<'a>(v: &'a Value, key: &str) -> Result<&'a str> {
-    v.get(key).and_then(Value::as_str).ok_or_else(|| anyhow!("the agent's answer has no {key}"))
 }
 
 /// The `blockferry cbt` table: NAME, DIRTY (human size), GENERATION.
@@ -207,7 +122,7 @@ fn extents_text(v: &Value) -> Result<String> {
 }
 
 async fn run_async(args: CbtArgs) -> Result<()> {
-    let client = Client { socket: args.admin };
+    let client = Client::new(args.admin, "agent");
     match args.command {
         CbtCmd::Create { volume, name, json } => {
             let body = serde_json::json!({ "name": name });
@@ -255,11 +170,7 @@ async fn run_async(args: CbtArgs) -> Result<()> {
 
 /// Runs `blockferry cbt ...` on a small single-threaded runtime.
 pub fn run(args: CbtArgs) -> Result<()> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?
-        .block_on(run_async(args))
+    runtime()?.block_on(run_async(args))
 }
 
 #[cfg(test)]

@@ -14,9 +14,13 @@ use blockferry_agent::size::{format_size, parse_size};
 use blockferry_agent::volume::Volume;
 
 mod cbt;
+mod client;
 mod demo;
 mod impair;
 mod keygen;
+mod status;
+mod target;
+mod verify;
 
 #[derive(Debug, Parser)]
 #[command(name = "blockferry", version, about = "Block-level disaster recovery for virtual disks")]
@@ -38,6 +42,12 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Make this node's QUIC key pair in DIR and print its fingerprint (--show: print only).
     Keygen(keygen::KeygenArgs),
+    /// Run the DR-side daemon: receive replicated volumes from the allowed agents over QUIC.
+    Target(target::TargetArgs),
+    /// Show the replication status of a running agent or target (through its admin socket).
+    Status(status::StatusArgs),
+    /// Compare a volume with its replica on the target (exit 0: same, 1: differs, 2: error).
+    Verify(verify::VerifyArgs),
     /// A UDP relay that delays, drops, duplicates, reorders and rate-limits datagrams (tests).
     Impair(impair::ImpairArgs),
 }
@@ -264,6 +274,16 @@ fn main() -> Result<()> {
         Command::Agent(args) => run_agent(args)?,
         Command::Cbt(args) => cbt::run(args)?,
         Command::Keygen(args) => keygen::run(args)?,
+        Command::Target(args) => target::run(args)?,
+        Command::Status(args) => status::run(args)?,
+        Command::Verify(args) => match verify::run(args) {
+            Ok(verify::Outcome::Same) => {}
+            Ok(verify::Outcome::Differs) => std::process::exit(1),
+            Err(e) => {
+                eprintln!("Error: {e:?}");
+                std::process::exit(2);
+            }
+        },
         Command::Impair(args) => {
             init_tracing();
             runtime()?.block_on(impair::main(args))?;
