@@ -92,6 +92,8 @@ pub struct AdminVolume {
     pub size: u64,
     /// `None`: change tracking is off for this volume.
     pub tracker: Option<Arc<Tracker>>,
+    /// `None`: the volume does not replicate.
+    pub replicator: Option<crate::repl::shipper::Replicator>,
 }
 
 impl AdminVolume {
@@ -103,6 +105,7 @@ impl AdminVolume {
             .into_iter()
             .map(|e| AdminVolume {
                 tracker: trackers.remove(&e.name).flatten(),
+                replicator: None,
                 name: e.name,
                 size: e.size,
             })
@@ -191,6 +194,8 @@ enum Route {
     Clear { vol: String, name: String },
     Extents { vol: String, name: String },
     Tracking { vol: String },
+    Status,
+    Verify { vol: String },
 }
 
 /// An error answer.
@@ -272,6 +277,10 @@ fn route(method: &Method, path: &str) -> Result<Route, ApiError> {
         (["volumes", _, "bitmaps", _, "extents"], _) => Err(allowed("GET")),
         (["volumes", v, "tracking"], &Method::GET) => Ok(Route::Tracking { vol: s(v) }),
         (["volumes", _, "tracking"], _) => Err(allowed("GET")),
+        (["status"], &Method::GET) => Ok(Route::Status),
+        (["status"], _) => Err(allowed("GET")),
+        (["volumes", v, "verify"], &Method::POST) => Ok(Route::Verify { vol: s(v) }),
+        (["volumes", _, "verify"], _) => Err(allowed("POST")),
         _ => Err(not_found()),
     }
 }
@@ -440,6 +449,21 @@ async fn dispatch(
             Ok(json(StatusCode::OK, &view))
         }
         Route::Tracking { vol } => Ok(json(StatusCode::OK, &state.tracker(&vol)?.stats())),
+        Route::Status => {
+            let volumes: Vec<_> = state
+                .volumes
+                .values()
+                .filter_map(|v| v.replicator.as_ref().map(|r| r.status()))
+                .collect();
+            Ok(json(StatusCode::OK, &serde_json::json!({ "role": "agent", "volumes": volumes })))
+        }
+        Route::Verify { vol } => {
+            let rep = state.volume(&vol)?.replicator.clone().ok_or_else(|| {
+                ApiError::new(StatusCode::CONFLICT, format!("volume {vol:?} does not replicate"))
+            })?;
+            let report = rep.verify().await.map_err(|e| ApiError::new(StatusCode::CONFLICT, e))?;
+            Ok(json(StatusCode::OK, &report))
+        }
     }
 }
 
@@ -698,8 +722,18 @@ mod tests {
         let off = Volume::create(&tmp.path().join("off"), 1 << 20, 4096, Some("off")).unwrap();
         let tracker = Tracker::open(&on, TrackerOptions::default()).unwrap();
         let volumes = vec![
-            AdminVolume { name: "on".into(), size: 1 << 20, tracker: Some(tracker.clone()) },
-            AdminVolume { name: off.meta.name.clone(), size: 1 << 20, tracker: None },
+            AdminVolume {
+                name: "on".into(),
+                size: 1 << 20,
+                tracker: Some(tracker.clone()),
+                replicator: None,
+            },
+            AdminVolume {
+                name: off.meta.name.clone(),
+                size: 1 << 20,
+                tracker: None,
+                replicator: None,
+            },
         ];
         // A directory that does not exist yet: bind creates it.
         let sock = tmp.path().join("run/blockferry/admin.sock");

@@ -1128,6 +1128,19 @@ impl Tracker {
         Ok(self.describe(&b))
     }
 
+    /// Marks every block of bitmap `name` dirty and writes it to disk (a bitmap that must
+    /// cover changes made before it existed). Blocking I/O.
+    pub fn mark_all(&self, name: &str) -> Result<BitmapInfo, CbtError> {
+        self.check()?;
+        let b = self.named(name)?;
+        let _io = lock(&self.io);
+        let al = lock(&self.al);
+        b.bits.set_range(0, self.blocks);
+        self.write_back(&al, &[])?;
+        info!(volume = %self.volume, bitmap = name, "bitmap marked all dirty");
+        Ok(self.describe(&b))
+    }
+
     /// Clears blocks `[first_block, end_block)` of bitmap `name` except those for which
     /// `keep(block)` is true (replication: the blocks of a committed epoch or resync range,
     /// keeping those a later epoch holds again). Returns the number of bits cleared. No I/O:

@@ -287,6 +287,16 @@ impl Server {
         e.descs.iter().zip(&e.exports).map(|(d, x)| (d.name.clone(), x.tracker.clone())).collect()
     }
 
+    /// The replication capture of export `name`, if it has one.
+    pub fn capture(&self, name: &str) -> Option<Arc<crate::repl::capture::Capture>> {
+        let e = &self.shared.exports;
+        e.descs
+            .iter()
+            .zip(&e.exports)
+            .find(|(d, _)| d.name == name)
+            .and_then(|(_, x)| x.capture.clone())
+    }
+
     /// Serves until `shutdown` resolves, then drains and closes every connection.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
         let (stop_tx, stop_rx) = watch::channel(false);

@@ -31,6 +31,7 @@ use tracing::{debug, info, warn};
 
 use super::capture::{Capture, ClosedEpoch, RunContent};
 use super::limiter::Limiter;
+use super::verify::VerifyReport;
 use crate::cbt::Tracker;
 use crate::volume::Volume;
 
@@ -115,6 +116,7 @@ pub struct ResyncStatus {
 pub struct Replicator {
     status: Arc<Mutex<ReplStatus>>,
     close: mpsc::UnboundedSender<()>,
+    verify: mpsc::UnboundedSender<oneshot::Sender<Result<VerifyReport, String>>>,
 }
 
 impl Replicator {
@@ -125,6 +127,13 @@ impl Replicator {
     /// Closes the open epoch now (a flush barrier or a quiesce point).
     pub fn close_epoch(&self) {
         let _ = self.close.send(());
+    }
+
+    /// Compares the source with the replica by hashes (see [`super::verify`]).
+    pub async fn verify(&self) -> Result<VerifyReport, String> {
+        let (tx, rx) = oneshot::channel();
+        self.verify.send(tx).map_err(|_| "replication is not running".to_string())?;
+        rx.await.map_err(|_| "replication stopped during verify".to_string())?
     }
 }
 
@@ -188,6 +197,9 @@ struct Driver {
     status: Arc<Mutex<ReplStatus>>,
     /// Messages resync tasks send on the control stream (hash requests).
     ctl_tx: mpsc::UnboundedSender<AgentMsg>,
+    /// Verify runs waiting for hashes.
+    hash_subs: Vec<mpsc::UnboundedSender<TargetMsg>>,
+    verifies: u64,
     rate: (Instant, u64, f64),
     published: Instant,
     phase: &'static str,
@@ -197,6 +209,7 @@ struct Driver {
 pub fn spawn(
     parts: VolumeParts,
     opts: ReplicationOptions,
+    full_compare: bool,
     identity: &Identity,
     endpoint: quinn::Endpoint,
     mut shutdown: watch::Receiver<bool>,
@@ -218,6 +231,7 @@ pub fn spawn(
     };
     let mut cfg = AgentConfig::new(hello);
     cfg.epoch_interval = opts.epoch_interval;
+    cfg.full_compare = full_compare;
     let status = Arc::new(Mutex::new(ReplStatus {
         volume: meta.name.clone(),
         mode: match opts.mode {
@@ -230,6 +244,7 @@ pub fn spawn(
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let (close_tx, mut close_rx) = mpsc::unbounded_channel();
     let (ctl_tx, mut ctl_rx) = mpsc::unbounded_channel();
+    let (verify_tx, mut verify_rx) = mpsc::unbounded_channel();
     let now = Instant::now();
     let mut d = Driver {
         session: AgentSession::new(cfg, now),
@@ -246,6 +261,8 @@ pub fn spawn(
         counters: Arc::new(Counters::default()),
         status: status.clone(),
         ctl_tx,
+        hash_subs: Vec::new(),
+        verifies: 0,
         rate: (now, 0, 0.0),
         published: now - Duration::from_secs(1),
         phase: "",
@@ -265,6 +282,7 @@ pub fn spawn(
                 Some(ev) = events.recv() => d.event(ev),
                 Some(()) = close_rx.recv() => d.session.close_now(Instant::now()),
                 Some(m) = ctl_rx.recv() => d.send(&m).await,
+                Some(reply) = verify_rx.recv() => d.start_verify(reply),
                 _ = capture.wait_event() => {
                     let now = Instant::now();
                     if capture.take_overflow() {
@@ -286,7 +304,7 @@ pub fn spawn(
         }
         info!(volume = %d.parts.volume.meta.name, "replication stopped");
     });
-    Ok(Replicator { status, close: close_tx })
+    Ok(Replicator { status, close: close_tx, verify: verify_tx })
 }
 
 impl Driver {
@@ -317,6 +335,7 @@ impl Driver {
                     for r in self.resyncs.values() {
                         let _ = r.hashes.send(msg.clone());
                     }
+                    self.hash_subs.retain(|s| s.send(msg.clone()).is_ok());
                 }
                 TargetMsg::Refused(ref r) => {
                     warn!(volume = %self.name(), "the target refused the volume: {}", r.message);
@@ -506,6 +525,27 @@ impl Driver {
         info!(volume = %self.name(), resync = %id, ?kind, compare, "catch-up started");
         self.resyncs
             .insert(id, Running { id, kind, end: Some(end_tx), hashes: hash_tx, progress, task });
+    }
+
+    fn start_verify(&mut self, reply: oneshot::Sender<Result<VerifyReport, String>>) {
+        let up = matches!(self.session.state(), State::InSync | State::Behind | State::InitialSync);
+        if self.connection.is_none() || !up {
+            let _ = reply.send(Err(format!(
+                "volume {:?} is {} : verify needs a session with the target",
+                self.name(),
+                self.session.state().name()
+            )));
+            return;
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.hash_subs.push(tx);
+        self.verifies += 1;
+        let parts = self.parts.clone();
+        let control = self.ctl_tx.clone();
+        let n = self.verifies;
+        tokio::spawn(async move {
+            let _ = reply.send(super::verify::run(parts, control, rx, n).await);
+        });
     }
 
     fn committed(&mut self, through: Epoch, upto_seq: Option<u64>, clear: Clear) {
