@@ -3,6 +3,7 @@
 //! - [`bin`]: where the `blockferry` binary is, building it first (see its docs).
 //! - [`proc`]: running tools with a time limit, and failing (never skipping) when one is missing.
 //! - [`agent`]: a `blockferry agent` child process that is killed when its guard drops.
+//! - [`target`]: a `blockferry target` child process (and `blockferry keygen`), likewise.
 //! - [`nbd`]: a tiny synchronous NBD client for hostile, byte-exact tests.
 //! - [`guards`]: mounts, loop devices and FUSE mounts that clean up after themselves.
 #![forbid(unsafe_code)]
@@ -12,6 +13,7 @@ pub mod bin;
 pub mod guards;
 pub mod nbd;
 pub mod proc;
+pub mod target;
 
 use std::path::Path;
 
