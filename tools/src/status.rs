@@ -53,7 +53,9 @@ pub fn approx_size(bytes: u64) -> String {
 
 /// Seconds as `850ms`, `4.2s`, `12m05s`, `3h02m`.
 fn approx_duration(secs: f64) -> String {
-    if secs < 1.0 {
+    if secs <= 0.0 {
+        "0s".into()
+    } else if secs < 1.0 {
         format!("{:.0}ms", secs * 1000.0)
     } else if secs < 60.0 {
         format!("{secs:.1}s")
@@ -72,6 +74,12 @@ fn u64_of(v: &Value, key: &str) -> Option<u64> {
 
 fn str_of<'a>(v: &'a Value, key: &str) -> &'a str {
     v.get(key).and_then(Value::as_str).unwrap_or("-")
+}
+
+/// A byte count or rate that may be written as a float (`throughput_bps` is).
+fn bytes_of(v: &Value, key: &str) -> Option<u64> {
+    let x = v.get(key)?;
+    x.as_u64().or_else(|| x.as_f64().filter(|f| f.is_finite() && *f >= 0.0).map(|f| f as u64))
 }
 
 fn num_or_dash(v: &Value, key: &str) -> String {
@@ -115,7 +123,7 @@ fn resync_line(v: &Value, resync: &Value) -> String {
     let done = u64_of(resync, "done_bytes").unwrap_or(0);
     let total = u64_of(resync, "total_bytes").unwrap_or(0);
     let pct = if total == 0 { 100 } else { (done.min(total) as u128 * 100 / total as u128) as u64 };
-    let rate = u64_of(v, "throughput_bps").unwrap_or(0);
+    let rate = bytes_of(v, "throughput_bps").unwrap_or(0);
     let mut s = format!(
         "{kind} {pct}% {} of {}, {}/s",
         approx_size(done),
@@ -140,8 +148,8 @@ fn agent_table(volumes: &[Value]) -> String {
             };
             let rpo =
                 v.get("rpo_seconds").and_then(Value::as_f64).map_or("-".into(), approx_duration);
-            let rate =
-                u64_of(v, "throughput_bps").map_or("-".into(), |r| format!("{}/s", approx_size(r)));
+            let rate = bytes_of(v, "throughput_bps")
+                .map_or("-".into(), |r| format!("{}/s", approx_size(r)));
             let ratio = v
                 .get("compression_ratio")
                 .and_then(Value::as_f64)
@@ -285,14 +293,14 @@ mod tests {
         let s = json!({"role": "agent", "volumes": [
             {"volume": "vm1", "mode": "async", "target": "10.0.0.2:4433", "state": "initial-sync",
              "lag_bytes": 2469606195u64, "lag_epochs": 0, "rpo_seconds": null,
-             "last_committed_epoch": 0, "throughput_bps": 12582912, "compression_ratio": 1.5,
+             "last_committed_epoch": 0, "throughput_bps": 12582912.4, "compression_ratio": 1.5,
              "resync": {"kind": "initial-sync", "id": 1, "phase": "copy",
                         "done_bytes": 1825361100u64, "total_bytes": 4294967296u64,
                         "sent_bytes": 1, "skipped_bytes": 0},
              "last_error": null},
             {"volume": "db", "mode": "async", "state": "replicating", "lag_bytes": 4096,
              "lag_epochs": 1, "rpo_seconds": 2.5, "last_committed_epoch": 17,
-             "throughput_bps": 0, "compression_ratio": 0.0, "resync": null,
+             "throughput_bps": 0.0, "compression_ratio": 0.0, "resync": null,
              "last_error": "target unreachable"},
         ]});
         assert_eq!(
