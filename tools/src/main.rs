@@ -94,6 +94,30 @@ struct AgentArgs {
     /// Serve no admin socket.
     #[arg(long, conflicts_with = "admin")]
     no_admin: bool,
+    /// This agent's QUIC key pair (made by `blockferry keygen --dir`), for replication.
+    #[arg(long, value_name = "DIR")]
+    key_dir: Option<PathBuf>,
+    /// Replicate the --volume volumes to the target at this QUIC address.
+    #[arg(long, value_name = "ADDR", requires = "target_fingerprint")]
+    target: Option<std::net::SocketAddr>,
+    /// The target certificate's fingerprint (sha256:...), printed by its `blockferry keygen`.
+    #[arg(long, value_name = "FP", requires = "target")]
+    target_fingerprint: Option<String>,
+    /// Replication mode of the --volume volumes: async.
+    #[arg(long, default_value = "async", requires = "target")]
+    mode: String,
+    /// Compression of replicated blocks: lz4, zstd, zstd:LEVEL or off.
+    #[arg(long, default_value = "lz4", requires = "target")]
+    compression: String,
+    /// Epoch buffer per volume (e.g. 256M); beyond it the volume catches up from its bitmap.
+    #[arg(long, requires = "target")]
+    budget: Option<String>,
+    /// Bandwidth limit per volume in bytes per second (e.g. 12M).
+    #[arg(long, requires = "target")]
+    bandwidth: Option<String>,
+    /// Epochs close this often, in milliseconds (default 1000).
+    #[arg(long, requires = "target")]
+    epoch_interval_ms: Option<u64>,
 }
 
 impl AgentArgs {
@@ -127,11 +151,27 @@ impl AgentArgs {
                 ),
             }
         }
+        if self.key_dir.is_some() {
+            config.key_dir = self.key_dir;
+        }
+        let replication = match (self.target, &self.target_fingerprint) {
+            (Some(target), Some(fp)) => Some(blockferry_agent::config::ReplicationConfig {
+                target,
+                target_fingerprint: fp.parse().map_err(|e| anyhow::anyhow!("--target-fingerprint: {e}"))?,
+                mode: self.mode.clone(),
+                compression: self.compression.clone(),
+                budget: self.budget.as_deref().map(parse_size).transpose()?,
+                epoch_interval_ms: self.epoch_interval_ms,
+                bandwidth: self.bandwidth.as_deref().map(parse_size).transpose()?,
+            }),
+            _ => None,
+        };
         for dir in self.volumes {
             let mut v = VolumeConfig::new(dir);
             v.read_only = self.read_only;
             v.cache = self.cache;
             v.engine = self.engine;
+            v.replication = replication.clone();
             config.volumes.push(v);
         }
         Ok(config)
@@ -209,12 +249,29 @@ fn run_agent(args: AgentArgs) -> Result<()> {
     let no_admin = args.no_admin;
     let config = args.into_config()?;
     runtime()?.block_on(async {
-        let server = Server::bind(&config).await?;
+        config.validate()?;
+        let captures = blockferry_agent::repl::captures(&config).map_err(anyhow::Error::msg)?;
+        let server = Server::bind_with(&config, captures).await?;
+        // One signal stops the servers and the replication; each drains its own work.
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let replicators = match blockferry_agent::repl::start(&config, &server, stop_rx.clone()) {
+            Ok(r) => r,
+            Err(e) => {
+                if let Some(unix) = server.unix_path() {
+                    let _ = std::fs::remove_file(unix);
+                }
+                anyhow::bail!(e);
+            }
+        };
+        let mut volumes = AdminVolume::of_server(&server);
+        for v in &mut volumes {
+            v.replicator = replicators.get(&v.name).cloned();
+        }
         let admin = if no_admin {
             None
         } else {
             let path = config.admin.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
-            match Admin::bind(&path, AdminVolume::of_server(&server)) {
+            match Admin::bind(&path, volumes) {
                 Ok(admin) => Some(admin),
                 Err(e) => {
                     // The NBD socket is bound already: do not leave it behind.
@@ -225,8 +282,6 @@ fn run_agent(args: AgentArgs) -> Result<()> {
                 }
             }
         };
-        // One signal stops both servers; each drains its own connections.
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
             shutdown_signal().await;
             let _ = stop_tx.send(true);
