@@ -72,10 +72,10 @@ pub struct VolumeMeta {
     pub generation: Option<u64>,
 }
 
-/// A random generation id (never 0).
+/// A random generation id: 63 random bits (TOML integers are signed 64-bit), never 0.
 pub fn new_generation() -> u64 {
     let b = *Uuid::new_v4().as_bytes();
-    u64::from_le_bytes(b[..8].try_into().unwrap_or([1; 8])).max(1)
+    (u64::from_le_bytes(b[..8].try_into().unwrap_or([1; 8])) >> 1).max(1)
 }
 
 impl VolumeMeta {
