@@ -8,6 +8,8 @@ pub mod target;
 pub mod types;
 
 #[cfg(test)]
+mod target_tests;
+#[cfg(test)]
 mod tests;
 
 pub use frame::{BatchHeader, BatchKind, Compression, DataFrame, Encoding, End, Frame, FrameError};
