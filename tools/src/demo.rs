@@ -1,6 +1,7 @@
 //! `blockferry demo`: the first thing a newcomer runs. Makes (or reuses) a volume under
-//! ./blockferry-demo, serves it over NBD, says how to attach it, and shows live I/O counters
-//! until Ctrl-C.
+//! ./blockferry-demo, serves it over NBD, replicates it over QUIC to a target running in the
+//! same process on loopback (its own key pairs, made once), says how to attach it, and shows
+//! live I/O and replication counters until Ctrl-C.
 
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
@@ -29,6 +30,61 @@ pub struct DemoArgs {
     /// Stop by itself after this many seconds (default: run until Ctrl-C).
     #[arg(long)]
     seconds: Option<u64>,
+    /// Serve the volume without replicating it.
+    #[arg(long)]
+    no_replication: bool,
+}
+
+/// The demo's DR site: a target in this process, its keys, and the agent's.
+struct DemoSite {
+    server: std::sync::Arc<blockferry_target::server::TargetServer>,
+    key_dir: PathBuf,
+    target: SocketAddr,
+    target_fp: blockferry_link::Fingerprint,
+}
+
+/// Loads or makes a key pair in `dir`.
+fn identity(dir: &std::path::Path, name: &str) -> Result<blockferry_link::Identity> {
+    if blockferry_link::Identity::exists(dir) {
+        return Ok(blockferry_link::Identity::load(dir)?);
+    }
+    let id = blockferry_link::Identity::generate(name)?;
+    id.save(dir)?;
+    Ok(id)
+}
+
+fn start_site(
+    base: &std::path::Path,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<DemoSite> {
+    let agent_keys = base.join("keys/agent");
+    let target_keys = base.join("keys/target");
+    let agent = identity(&agent_keys, "demo-agent")?;
+    let target = identity(&target_keys, "demo-target")?;
+    let cfg = blockferry_target::server::TargetDaemonConfig {
+        listen: "127.0.0.1:0".parse()?,
+        dir: base.join("dr-site"),
+        key_dir: target_keys,
+        admin: None,
+        allow: vec![blockferry_target::server::Allow {
+            fingerprint: agent.fingerprint(),
+            volumes: None,
+        }],
+    };
+    let server = blockferry_target::server::TargetServer::bind(cfg).map_err(anyhow::Error::msg)?;
+    let addr = server.local_addr()?;
+    let admin_path = base.join("target.sock");
+    let admin = blockferry_target::admin::TargetAdmin::bind(&admin_path, server.clone())?;
+    let mut s1 = stop.clone();
+    tokio::spawn(async move {
+        admin
+            .run(async move {
+                let _ = s1.wait_for(|s| *s).await;
+            })
+            .await
+    });
+    tokio::spawn(server.clone().run(stop));
+    Ok(DemoSite { server, key_dir: agent_keys, target: addr, target_fp: target.fingerprint() })
 }
 
 pub async fn run(args: DemoArgs) -> Result<()> {
@@ -47,18 +103,70 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         Err(e) => return Err(e.into()),
     };
     let name = volume.meta.name.clone();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let site =
+        if args.no_replication { None } else { Some(start_site(&args.dir, stop_rx.clone())?) };
+    let mut vc = VolumeConfig::new(&vol_dir);
+    if let Some(site) = &site {
+        vc.replication = Some(blockferry_agent::config::ReplicationConfig {
+            target: site.target,
+            target_fingerprint: site.target_fp,
+            mode: "async".into(),
+            compression: "lz4".into(),
+            budget: None,
+            epoch_interval_ms: None,
+            bandwidth: None,
+        });
+    }
     let config = Config {
         listen: Some(args.listen),
-        volumes: vec![VolumeConfig::new(&vol_dir)],
+        key_dir: site.as_ref().map(|s| s.key_dir.clone()),
+        volumes: vec![vc],
         ..Config::default()
     };
-    let server = Server::bind(&config)
+    let captures = blockferry_agent::repl::captures(&config).map_err(anyhow::Error::msg)?;
+    let server = Server::bind_with(&config, captures)
         .await
         .with_context(|| format!("cannot serve the demo volume on {}", args.listen))?;
+    let replicators = blockferry_agent::repl::start(&config, &server, stop_rx.clone())
+        .map_err(anyhow::Error::msg)?;
+    let replicator = replicators.get(&name).cloned();
+    let mut admin_volumes = blockferry_agent::admin::AdminVolume::of_server(&server);
+    for v in &mut admin_volumes {
+        v.replicator = replicators.get(&v.name).cloned();
+    }
+    let admin_path = args.dir.join("agent.sock");
+    let admin = blockferry_agent::admin::Admin::bind(&admin_path, admin_volumes)?;
+    let mut s2 = stop_rx.clone();
+    tokio::spawn(async move {
+        admin
+            .run(async move {
+                let _ = s2.wait_for(|s| *s).await;
+            })
+            .await
+    });
     let addr = server.local_addr().unwrap_or(args.listen);
     let stats = server.stats(&name).context("the demo export is missing")?;
     let uri = format!("nbd://{addr}/{name}");
     print_attach_help(&uri, &volume, addr);
+    if let Some(site) = &site {
+        let replica = site
+            .server
+            .status()
+            .first()
+            .map(|v| v.replica_path.clone())
+            .unwrap_or_else(|| args.dir.join("dr-site").display().to_string());
+        println!(
+            "Replicating (async, lz4) over QUIC to the DR-site target on {} (in this process).\n\
+             \x20 replica:   {replica}\n\
+             \x20 status:    blockferry status --admin {}   (and --admin {} for the target)\n\
+             \x20 verify:    blockferry verify {name} --admin {}\n",
+            site.target,
+            admin_path.display(),
+            args.dir.join("target.sock").display(),
+            admin_path.display(),
+        );
+    }
 
     let ticker = tokio::spawn(async move {
         let tty = std::io::stdout().is_terminal();
@@ -70,7 +178,17 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             tick.tick().await;
             let now = stats.snapshot();
             let secs = last_at.elapsed().as_secs_f64();
-            let line = counters_line(&last, &now, secs);
+            let mut line = counters_line(&last, &now, secs);
+            if let Some(r) = &replicator {
+                let st = r.status();
+                line.push_str(&format!(
+                    " | repl {} lag {} rpo {:.1}s epoch {}",
+                    st.state,
+                    format_size_round(st.lag_bytes),
+                    st.rpo_seconds,
+                    st.last_committed_epoch
+                ));
+            }
             // On a terminal the line is redrawn in place; in a log, a line every second with
             // activity keeps the log readable.
             if tty {
@@ -92,6 +210,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         }
     };
     let result = server.run(shutdown).await;
+    let _ = stop_tx.send(true);
     ticker.abort();
     println!(
         "\nstopped; the volume stays in {} (remove the folder to start afresh)",
