@@ -35,7 +35,7 @@ enum Command {
     #[command(subcommand)]
     Volume(VolumeCmd),
     /// Serve volumes over NBD (the primary-side daemon).
-    Agent(AgentArgs),
+    Agent(Box<AgentArgs>),
     /// Manage the named change-tracking bitmaps of a running agent (through its admin socket).
     Cbt(cbt::CbtArgs),
     /// Make a 1 GiB demo volume and serve it at nbd://127.0.0.1:10809/demo with live counters.
@@ -326,7 +326,7 @@ fn run_agent(args: AgentArgs) -> Result<()> {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Agent(args) => run_agent(args)?,
+        Command::Agent(args) => run_agent(*args)?,
         Command::Cbt(args) => cbt::run(args)?,
         Command::Keygen(args) => keygen::run(args)?,
         Command::Target(args) => target::run(args)?,
