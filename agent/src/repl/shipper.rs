@@ -202,6 +202,7 @@ struct Driver {
     verifies: u64,
     rate: (Instant, u64, f64),
     published: Instant,
+    progress_logged: Instant,
     phase: &'static str,
 }
 
@@ -265,6 +266,7 @@ pub fn spawn(
         verifies: 0,
         rate: (now, 0, 0.0),
         published: now - Duration::from_secs(1),
+        progress_logged: now,
         phase: "",
     };
     tokio::spawn(async move {
@@ -591,7 +593,7 @@ impl Driver {
 
     fn publish(&mut self) {
         let now = Instant::now();
-        if now.duration_since(self.published) < Duration::from_millis(200) {
+        if now.duration_since(self.published) < Duration::from_millis(250) {
             return;
         }
         self.published = now;
@@ -628,6 +630,25 @@ impl Driver {
             sent_bytes: r.progress.sent.load(Relaxed),
             skipped_bytes: r.progress.skipped.load(Relaxed),
         });
+        if let Some(r) = &resync {
+            // A progress line in the log every 5 s while a sync runs (status has it live).
+            if now.duration_since(self.progress_logged) >= Duration::from_secs(5)
+                && r.total_bytes > 0
+            {
+                self.progress_logged = now;
+                info!(
+                    volume = %self.name(),
+                    "{} {:.0}%: {} of {} looked at, {} sent, {} skipped, {}/s on the wire",
+                    r.kind,
+                    100.0 * r.done_bytes as f64 / r.total_bytes as f64,
+                    crate::size::format_size(r.done_bytes),
+                    crate::size::format_size(r.total_bytes),
+                    crate::size::format_size(r.sent_bytes),
+                    crate::size::format_size(r.skipped_bytes),
+                    crate::size::format_size(self.rate.2 as u64),
+                );
+            }
+        }
         let state = s.state;
         if state.name() != self.phase {
             info!(volume = %self.name(), state = state.name(), "replication state");
