@@ -330,6 +330,10 @@ impl Driver {
                 if self.connection.take().is_some() {
                     warn!(volume = %self.name(), "connection to the target lost: {reason}");
                 }
+                // Their streams died with the connection.
+                for (_, r) in self.resyncs.drain() {
+                    r.task.abort();
+                }
                 self.session.disconnected(now, reason);
             }
             Event::Control { conn, msg } if conn == self.conn_no => match msg {
@@ -352,7 +356,13 @@ impl Driver {
             Event::Progress { id, remaining } => self.session.resync_progress(now, id, remaining),
             Event::ReadDone { id } => self.session.resync_read_done(now, id),
             Event::ResyncFailed { id, reason } => {
+                if self.resyncs.remove(&id).is_none() {
+                    return; // a task of a connection that is gone
+                }
                 warn!(volume = %self.name(), resync = %id, "resync failed: {reason}");
+                for (_, r) in self.resyncs.drain() {
+                    r.task.abort();
+                }
                 if let Some((c, _)) = self.connection.take() {
                     c.close(1u32.into(), b"resync failed");
                 }
@@ -368,6 +378,9 @@ impl Driver {
             Action::Disconnect { reason } => {
                 if let Some((c, _)) = self.connection.take() {
                     c.close(1u32.into(), reason.as_bytes());
+                }
+                for (_, r) in self.resyncs.drain() {
+                    r.task.abort();
                 }
                 self.conn_no += 1;
             }
@@ -393,11 +406,8 @@ impl Driver {
                         let _ = tx.send(through);
                     }
                 }
-                if through == blockferry_protocol::repl::agent::ABANDONED {
-                    if let Some(r) = self.resyncs.remove(&id) {
-                        r.task.abort();
-                    }
-                }
+                // An abandoned resync still ends its stream (with `through` = ABANDONED) so
+                // the chain stays linked at the target; the task stops at its next window.
             }
             Action::SetBuffering(on) => self.parts.capture.set_buffering(on),
             Action::DropEpochs => {
@@ -739,6 +749,8 @@ impl EpochJob {
                     w.data(run.offset, Bytes::from(buf), crc, self.compression)
                 }
             };
+            #[cfg(feature = "failpoints")]
+            let frame = corrupt_frame(frame);
             let wire = (frame.payload.len() + 32) as u64;
             if let Some(l) = &self.limiter {
                 l.acquire(wire).await;
@@ -754,4 +766,42 @@ impl EpochJob {
         s.finish().map_err(|e| e.to_string())?;
         Ok(())
     }
+}
+
+/// Fault point (feature `failpoints`): with `BLOCKFERRY_CORRUPT_FRAME_EVERY=N` in the
+/// environment, every N-th data frame with a payload that an epoch stream or a resync pass
+/// ships has one payload byte flipped after its crc32c was computed, as a bad NIC, cable or
+/// memory would. The target must detect it (invariant 5), drop the batch and have it resent;
+/// the corrupted bytes must never be applied. Without the variable (or with N = 0) nothing
+/// happens.
+#[cfg(feature = "failpoints")]
+pub(super) fn corrupt_frame(
+    mut frame: blockferry_protocol::repl::DataFrame,
+) -> blockferry_protocol::repl::DataFrame {
+    use std::sync::OnceLock;
+    static EVERY: OnceLock<u64> = OnceLock::new();
+    static SEEN: AtomicU64 = AtomicU64::new(0);
+    let every = *EVERY.get_or_init(|| {
+        std::env::var("BLOCKFERRY_CORRUPT_FRAME_EVERY")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    });
+    if every == 0 || frame.payload.is_empty() {
+        return frame;
+    }
+    let n = SEEN.fetch_add(1, Relaxed) + 1;
+    if n.is_multiple_of(every) {
+        let mut bytes = frame.payload.to_vec();
+        let at = (n / every) as usize % bytes.len();
+        bytes[at] ^= 0x20;
+        frame.payload = Bytes::from(bytes);
+        warn!(
+            offset = frame.offset,
+            seq = frame.seq,
+            byte = at,
+            "failpoint repl.corrupt_frame: flipped a payload byte after its crc was computed"
+        );
+    }
+    frame
 }
