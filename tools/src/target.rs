@@ -94,6 +94,9 @@ impl TargetArgs {
         if self.admin.is_some() {
             cfg.admin = self.admin;
         }
+        // Absolute, so the replica paths `status` shows are usable from anywhere.
+        cfg.dir = std::path::absolute(&cfg.dir)
+            .with_context(|| format!("replica directory {}", cfg.dir.display()))?;
         cfg.allow.extend(self.allow);
         if cfg.allow.is_empty() {
             bail!(
