@@ -98,6 +98,8 @@ enum Reply {
 struct Slot {
     name: String,
     busy: AtomicBool,
+    /// The agent and connection of the active session.
+    holder: Mutex<Option<(Fingerprint, quinn::Connection)>>,
     status: Mutex<VolumeStatus>,
     received: AtomicU64,
     rejected: AtomicU64,
@@ -188,6 +190,7 @@ impl TargetServer {
                 Arc::new(Slot {
                     name: meta.name,
                     busy: AtomicBool::new(false),
+                    holder: Mutex::new(None),
                     status: Mutex::new(st),
                     received: AtomicU64::new(0),
                     rejected: AtomicU64::new(0),
@@ -317,9 +320,12 @@ impl TargetServer {
                         break 'conn reason;
                     }
                     Action::Open(hello) => {
+                        self.preempt(&fp, &hello).await;
                         let r = self.open_volume(&fp, &hello, reply_tx.clone());
                         match r {
                             Ok((info, slot, tx, handle)) => {
+                                *slot.holder.lock().unwrap_or_else(|e| e.into_inner()) =
+                                    Some((fp, conn.clone()));
                                 vol = Some((slot, tx));
                                 worker = Some(handle);
                                 session.opened(Ok(info));
@@ -382,7 +388,35 @@ impl TargetServer {
                 let _ = tokio::task::spawn_blocking(move || h.join()).await;
             }
             slot.status.lock().unwrap_or_else(|e| e.into_inner()).connected = false;
+            {
+                let mut h = slot.holder.lock().unwrap_or_else(|e| e.into_inner());
+                if h.as_ref().is_some_and(|(_, c)| c.stable_id() == conn.stable_id()) {
+                    *h = None;
+                }
+            }
             slot.busy.store(false, Relaxed);
+        }
+    }
+
+    /// A new session of the agent that holds a volume replaces the old one (which is usually
+    /// a connection the agent already gave up on, not yet timed out here): the old connection
+    /// is closed and its store handed over (up to 5 s). Another agent is refused (Busy).
+    async fn preempt(&self, fp: &Fingerprint, hello: &blockferry_protocol::repl::Hello) {
+        let slot = self.slots.lock().unwrap_or_else(|e| e.into_inner()).get(&hello.volume).cloned();
+        let Some(slot) = slot else { return };
+        let old = {
+            let h = slot.holder.lock().unwrap_or_else(|e| e.into_inner());
+            match &*h {
+                Some((holder, c)) if holder == fp => Some(c.clone()),
+                _ => None,
+            }
+        };
+        let Some(old) = old else { return };
+        info!(volume = %hello.name, agent = %fp, "a new session of the same agent replaces the old one");
+        old.close(4u32.into(), b"replaced by a new session");
+        let until = Instant::now() + Duration::from_secs(5);
+        while slot.busy.load(Relaxed) && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
@@ -415,6 +449,7 @@ impl TargetServer {
                     Arc::new(Slot {
                         name: hello.name.clone(),
                         busy: AtomicBool::new(false),
+                        holder: Mutex::new(None),
                         status: Mutex::new(VolumeStatus {
                             volume: hello.name.clone(),
                             uuid: hello.volume.to_string(),

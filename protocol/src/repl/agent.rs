@@ -382,6 +382,15 @@ impl AgentSession {
     pub fn handle_control(&mut self, now: Instant, msg: TargetMsg) {
         match msg {
             TargetMsg::Welcome(w) => self.welcome(now, w),
+            TargetMsg::Refused(r)
+                if matches!(r.code, RefuseCode::Busy | RefuseCode::Unavailable) =>
+            {
+                // Another session holds the volume (an old connection of ours not yet timed
+                // out at the target, or another agent), or the target's store is failing
+                // (full disk, I/O error): try again later.
+                let backoff = self.cfg.error_backoff;
+                self.disconnect(now, r.message, backoff);
+            }
             TargetMsg::Refused(r) => {
                 self.link = Link::Stopped;
                 self.last_error = Some(r.message.clone());
