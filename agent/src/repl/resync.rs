@@ -149,6 +149,8 @@ impl ResyncJob {
                             let bytes = data.slice(i * bs as usize..(i + k) * bs as usize);
                             let crc = crc32c::crc32c(&bytes);
                             let frame = w.data((c + i as u64) * bs, bytes, crc, self.compression);
+                            #[cfg(feature = "failpoints")]
+                            let frame = super::shipper::corrupt_frame(frame);
                             let wire = (frame.payload.len() + 32) as u64;
                             if let Some(l) = &self.limiter {
                                 l.acquire(wire).await;
