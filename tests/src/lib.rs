@@ -13,6 +13,7 @@ pub mod bin;
 pub mod guards;
 pub mod nbd;
 pub mod proc;
+pub mod repl;
 pub mod target;
 
 use std::path::Path;
