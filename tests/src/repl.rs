@@ -278,6 +278,28 @@ impl Pair {
         )
     }
 
+    /// The WARN and ERROR lines of both logs (at most `max` of each), for the figures.
+    pub fn warnings(&self, max: usize) -> String {
+        let pick = |log: String| {
+            let lines: Vec<String> = log
+                .lines()
+                .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+                .map(str::to_string)
+                .collect();
+            let n = lines.len();
+            let mut out: Vec<String> = lines.into_iter().take(max).collect();
+            if n > max {
+                out.push(format!("... {} more", n - max));
+            }
+            out.join("\n")
+        };
+        format!(
+            "agent warnings:\n{}\ntarget warnings:\n{}",
+            pick(self.agent.log_text()),
+            pick(self.target.log_text())
+        )
+    }
+
     /// Polls the agent's status every 100 ms until `pred` holds for this volume's element,
     /// returning that element; panics with [`Pair::describe`] after `limit`.
     pub fn wait_agent(&self, what: &str, limit: Duration, pred: impl Fn(&Value) -> bool) -> Value {
@@ -606,7 +628,9 @@ pub fn fio_nbd(uri: &str, name: &str, args: &[String], limit: Duration) -> Value
         .arg("--ioengine=nbd")
         .arg(format!("--uri={uri}"))
         .arg("--output-format=json")
-        .args(args);
+        .args(args)
+        // fio saves verify state files in its working directory: not the repository.
+        .current_dir(std::env::temp_dir());
     let out = run(&mut cmd, limit);
     assert!(out.success(), "fio failed: {out}");
     // fio may print notes before the JSON.
