@@ -316,6 +316,11 @@ impl TargetServer {
                     }
                     Action::Close { reason } => {
                         warn!(%remote, agent = %fp, "closing the session: {reason}");
+                        // Let a refusal sent just before reach the agent (closing the
+                        // connection at once would discard it): finish the control stream and
+                        // wait briefly for the agent to acknowledge it.
+                        let _ = send.finish();
+                        let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
                         conn.close(1u32.into(), reason.as_bytes());
                         break 'conn reason;
                     }

@@ -114,6 +114,7 @@ pub struct SimReport {
     pub bitmap_losses: u64,
     pub overflows: u64,
     pub duplicates: u64,
+    pub corruptions: u64,
     pub checks: u64,
 }
 
@@ -155,6 +156,8 @@ pub struct Sim {
     acked: Epoch,
     report: SimReport,
     trace: bool,
+    /// Inject byte damage into data streams (during the faulty phase).
+    corrupt: bool,
 }
 
 impl Sim {
@@ -199,6 +202,7 @@ impl Sim {
             acked: Epoch::ZERO,
             report: SimReport::default(),
             trace: std::env::var_os("BLOCKFERRY_SIM_TRACE").is_some(),
+            corrupt: true,
         };
         s.snapshots.insert(Epoch::ZERO, s.source.clone());
         s
@@ -235,6 +239,7 @@ impl Sim {
             self.step(true).map_err(|e| format!("step {step}: {e}"))?;
         }
         self.report.commits_under_faults = self.report.commits;
+        self.corrupt = false;
         // Heal: no more faults or writes; converge.
         for step in 0..20_000 {
             self.step(false).map_err(|e| format!("healing step {step}: {e}"))?;
@@ -611,8 +616,16 @@ impl Sim {
                         if cut < b.len() {
                             s.bytes.push_front(b.slice(cut..));
                         }
+                        let mut piece = b[..cut].to_vec();
+                        if self.corrupt && cut > 64 && self.rng.below(1000) < 3 {
+                            // Damage on the way (below QUIC's own integrity, as a buggy NIC
+                            // or memory would): the frame checksums must catch it.
+                            let at = self.rng.below(cut as u64) as usize;
+                            piece[at] ^= 0x40;
+                            self.report.corruptions += 1;
+                        }
                         if let Some(t) = &mut self.tsession {
-                            t.stream_bytes(id, &b[..cut]);
+                            t.stream_bytes(id, &piece);
                         }
                     }
                     None => {
@@ -768,7 +781,12 @@ impl Sim {
                     self.tsession.as_mut().ok_or("t")?.hashes(id, offset, granularity, h);
                 }
                 target::Action::Close { reason } => {
-                    return Err(format!("target closed the session: {reason}"));
+                    if self.report.corruptions == 0 {
+                        return Err(format!("target closed the session: {reason}"));
+                    }
+                    // A damaged batch header: the target closes the connection.
+                    self.drop_connection(&reason);
+                    return Ok(());
                 }
             }
         }
@@ -884,6 +902,7 @@ mod tests {
             total.bitmap_losses += r.bitmap_losses;
             total.overflows += r.overflows;
             total.duplicates += r.duplicates;
+            total.corruptions += r.corruptions;
             total.checks += r.checks;
         }
         println!("simulation: {n} seeds from {first}: {total:?}");

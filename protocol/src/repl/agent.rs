@@ -57,6 +57,9 @@ pub struct AgentConfig {
     /// The bitmap cannot be trusted to cover what the replica lacks (it was just created, or
     /// lost): the first catch-up compares every block's hash instead of reading the bitmap.
     pub full_compare: bool,
+    /// With batches in flight and no commit for this long, the volume is reported `behind`
+    /// (the link may be dead long before QUIC's idle timeout says so).
+    pub stall_after: Duration,
 }
 
 impl AgentConfig {
@@ -70,6 +73,7 @@ impl AgentConfig {
             window: 64,
             final_threshold: 64 << 20,
             full_compare: false,
+            stall_after: Duration::from_secs(3),
         }
     }
 }
@@ -202,6 +206,8 @@ struct Retained {
     seq: u64,
     id: Epoch,
     sent: bool,
+    /// The base it was sent with on this connection.
+    base: Epoch,
 }
 
 /// Counters for status.
@@ -256,6 +262,11 @@ pub struct AgentSession {
     replica: Option<ReplicaState>,
     next_close: Instant,
     behind_since: Option<Instant>,
+    /// When the target last showed progress (a commit, a welcome), or when the first batch
+    /// was sent after a quiet time.
+    progress_at: Instant,
+    /// Batches in flight and no progress for `stall_after`.
+    stalled: bool,
     last_error: Option<String>,
     counters: Counters,
     compression: Compression,
@@ -285,6 +296,8 @@ impl AgentSession {
             replica: None,
             next_close,
             behind_since: Some(now),
+            progress_at: now,
+            stalled: false,
             last_error: None,
             counters: Counters::default(),
         }
@@ -308,6 +321,20 @@ impl AgentSession {
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
+        let waiting = self.in_flight() > 0;
+        if !waiting {
+            self.progress_at = now;
+        }
+        let stalled = self.link == Link::Up
+            && waiting
+            && now.duration_since(self.progress_at) >= self.cfg.stall_after;
+        if stalled && !self.stalled {
+            self.last_error = Some(format!(
+                "no commit from the target for {:?} with batches in flight",
+                now.duration_since(self.progress_at)
+            ));
+        }
+        self.stalled = stalled;
         if let Link::Down { at } = self.link {
             if now >= at {
                 self.link = Link::Connecting;
@@ -397,6 +424,18 @@ impl AgentSession {
                 self.actions.push_back(Action::Stopped { code: r.code, message: r.message });
             }
             TargetMsg::Committed { through } => self.committed(now, through),
+            TargetMsg::Failed { id, kind: BatchKind::Epoch, code: FailCode::Checksum, message }
+                if self.link == Link::Up && self.retained.iter().any(|r| r.id == id && r.sent) =>
+            {
+                // Damaged on the way: the target dropped only this batch; send it again on a
+                // new stream, same id and base (the rest of the chain waits for it there).
+                if let Some(r) = self.retained.iter().find(|r| r.id == id) {
+                    self.counters.epochs_resent += 1;
+                    self.last_error =
+                        Some(format!("epoch {id} damaged in transit, sent again: {message}"));
+                    self.actions.push_back(Action::SendEpoch { seq: r.seq, id, base: r.base });
+                }
+            }
             TargetMsg::Failed { id, kind, code, message } => {
                 let msg = format!("target dropped {kind:?} batch {id}: {code:?}: {message}");
                 let backoff = match code {
@@ -424,6 +463,8 @@ impl AgentSession {
             return self.disconnect(now, "unexpected welcome".into(), self.cfg.reconnect_min);
         }
         self.link = Link::Up;
+        self.progress_at = now;
+        self.stalled = false;
         self.backoff = self.cfg.reconnect_min;
         self.last_error = None;
         self.compression = w.compression;
@@ -499,7 +540,7 @@ impl AgentSession {
             return;
         }
         self.last_id = self.last_id.next();
-        self.retained.push_back(Retained { seq, id: self.last_id, sent: false });
+        self.retained.push_back(Retained { seq, id: self.last_id, sent: false, base: Epoch::ZERO });
         self.after_close(now);
         self.pump();
     }
@@ -576,6 +617,8 @@ impl AgentSession {
         if through <= self.committed {
             return;
         }
+        self.progress_at = now;
+        self.stalled = false;
         self.committed = through;
         self.counters.commits += 1;
         let mut upto = None;
@@ -634,6 +677,7 @@ impl AgentSession {
             r.sent = true;
             self.counters.epochs_sent += 1;
             let base = self.tail;
+            r.base = base;
             self.tail = r.id.max(self.tail);
             room -= 1;
             self.actions.push_back(Action::SendEpoch { seq: r.seq, id: r.id, base });
@@ -652,7 +696,7 @@ impl AgentSession {
             Link::Up => {
                 if self.resyncs.iter().any(|r| r.kind == BatchKind::Initial) {
                     State::InitialSync
-                } else if self.clean {
+                } else if self.clean && !self.stalled {
                     State::InSync
                 } else {
                     State::Behind

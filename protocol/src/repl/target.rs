@@ -332,7 +332,15 @@ impl TargetSession {
             let frame = match Frame::decode(&mut s.buf, max) {
                 Ok(Some(f)) => f,
                 Ok(None) => return,
-                Err(e) => return self.fail(stream, header, FailCode::Checksum, e),
+                Err(e) => {
+                    // A damaged header (line corruption) is sent again; a frame that decodes
+                    // to nonsense is a bug or a hostile peer.
+                    let code = match e {
+                        FrameError::HeaderChecksum { .. } => FailCode::Checksum,
+                        _ => FailCode::Malformed,
+                    };
+                    return self.fail(stream, header, code, e);
+                }
             };
             match frame {
                 Frame::Data(f) => {
