@@ -621,6 +621,9 @@ impl AgentSession {
         self.stalled = false;
         self.committed = through;
         self.counters.commits += 1;
+        // The first commit makes the replica consistent (a later overflow catches up from
+        // the bitmap; it does not restart the initial sync).
+        self.replica = Some(ReplicaState::Consistent);
         let mut upto = None;
         while let Some(r) = self.retained.front() {
             if r.id > through {

@@ -325,6 +325,10 @@ impl ReplicaStore {
             self.meta.session -= 1;
             return Err(e);
         }
+        // The forgotten batches' records are dead: free their space now.
+        if self.to_apply.is_empty() {
+            self.reclaim();
+        }
         Ok(())
     }
 

@@ -144,6 +144,19 @@ impl ReplicaStore {
     /// Deletes segments (not the active one) none of whose batches is pending or unapplied.
     pub(super) fn reclaim(&mut self) {
         let live: Vec<Key> = self.pending.values().chain(&self.to_apply).map(Batch::key).collect();
+        // An active segment that holds only applied or dead records is retired too: a new
+        // empty one takes its place. Otherwise the dead records of dropped batches (say, after
+        // a full disk) would stay forever, and a journal that never shrinks can fill the disk
+        // for good.
+        let active_dead = self
+            .segments
+            .get(&self.seg)
+            .is_some_and(|s| s.len > 0 && !s.keys.iter().any(|k| live.contains(k)));
+        if active_dead {
+            if let Err(e) = self.roll() {
+                tracing::warn!(volume = %self.meta.volume, "cannot start a new journal segment: {e}");
+            }
+        }
         let dead: Vec<u64> = self
             .segments
             .iter()
