@@ -157,7 +157,9 @@ impl AgentArgs {
         let replication = match (self.target, &self.target_fingerprint) {
             (Some(target), Some(fp)) => Some(blockferry_agent::config::ReplicationConfig {
                 target,
-                target_fingerprint: fp.parse().map_err(|e| anyhow::anyhow!("--target-fingerprint: {e}"))?,
+                target_fingerprint: fp
+                    .parse()
+                    .map_err(|e| anyhow::anyhow!("--target-fingerprint: {e}"))?,
                 mode: self.mode.clone(),
                 compression: self.compression.clone(),
                 budget: self.budget.as_deref().map(parse_size).transpose()?,
@@ -211,9 +213,26 @@ fn init_tracing() {
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| LossyStderr)
         .with_ansi(ansi)
         .init();
+}
+
+/// stderr for logs, where a failed write (the log file's disk is full, a closed pipe) loses
+/// the line instead of failing: tracing's fallback for a failing writer is `eprintln!`, which
+/// panics, and a daemon must not die (or drop connections) because its log cannot be written.
+struct LossyStderr;
+
+impl std::io::Write for LossyStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.
