@@ -50,6 +50,7 @@ impl ResyncJob {
     ) -> Result<(), String> {
         let err = |e: &dyn std::fmt::Display| e.to_string();
         let mut stream = self.conn.open_uni().await.map_err(|e| err(&e))?;
+        let _ = stream.set_priority(super::shipper::stream_priority(self.header.id));
         let mut out = BytesMut::with_capacity(self.max_frame as usize + 64);
         self.header.encode(&mut out);
         stream.write_all(&out).await.map_err(|e| err(&e))?;

@@ -685,6 +685,13 @@ impl Driver {
     }
 }
 
+/// QUIC priority of a batch's stream: older batches first. quinn shares the link round-robin
+/// between streams of equal priority, which under a bottleneck would finish every epoch late
+/// (the target commits in order, so the RPO is set by the oldest); this keeps them in order.
+pub(super) fn stream_priority(id: Epoch) -> i32 {
+    -((id.0 & 0x3fff_ffff) as i32)
+}
+
 /// Reads target messages from the control stream until it ends; returns why it ended.
 async fn read_control(
     mut recv: quinn::RecvStream,
@@ -727,6 +734,7 @@ struct EpochJob {
 impl EpochJob {
     async fn run(self) -> Result<(), String> {
         let mut s = self.conn.open_uni().await.map_err(|e| e.to_string())?;
+        let _ = s.set_priority(stream_priority(self.header.id));
         let mut out = BytesMut::with_capacity(self.max_frame as usize + 64);
         self.header.encode(&mut out);
         let mut w = BatchWriter::new();
