@@ -62,7 +62,10 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Options {
-        Options { segment_size: 64 << 20 }
+        // Small enough that applied records are freed in steps of at most 16 MiB (the
+        // active segment is deleted only after it rolls), large enough that rolling (one
+        // fsync and one file creation) is rare.
+        Options { segment_size: 16 << 20 }
     }
 }
 
