@@ -625,10 +625,10 @@ fn full_target_disk() {
     // The initial syncs into the first and into this directory are expected; none after.
     let initial = resyncs(&pair.agent.log_text()).len();
 
-    // 24 MiB of stamped blocks, sequentially at queue depth 1: with the journal (up to a
-    // segment of 16 MiB beyond what is not applied yet) more than the ~30 MB left, but it fits
-    // in the ~55 MB the file system has once the ballast is gone.
-    let blocks = 6144u64;
+    // 32 MiB of stamped blocks, sequentially at queue depth 1: more than the ~30 MB left, but
+    // with the journal (at most a 16 MiB segment beyond what is not applied yet) it fits in the
+    // ~55 MB the file system has once the ballast is gone.
+    let blocks = 8192u64;
     let mut c = pair.nbd();
     let chunk = 64u64; // blocks per write (256 KiB)
     let t0 = Instant::now();
