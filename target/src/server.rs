@@ -308,6 +308,10 @@ impl TargetServer {
             while let Some(a) = session.poll_action() {
                 match a {
                     Action::Send(m) => {
+                        if let msg::TargetMsg::Failed { id, kind, code, message } = &m {
+                            warn!(%remote, agent = %fp, batch = %id, ?kind, ?code,
+                                "batch dropped, the agent sends it again: {message}");
+                        }
                         let mut b = BytesMut::new();
                         msg::encode(&m, &mut b);
                         if let Err(e) = send.write_all(&b).await {
@@ -371,7 +375,7 @@ impl TargetServer {
                 Some(r) = replies.recv() => match r {
                     Reply::Committed(e) => session.committed(e),
                     Reply::Failed { id, code, message } => {
-                        warn!(%remote, batch = %id, "batch dropped: {message}");
+                        // Logged when the session sends the Failed message.
                         session.store_failed(id, blockferry_protocol::repl::BatchKind::Epoch, code, message);
                     }
                     Reply::Hashes { id, offset, granularity, hashes } => session.hashes(id, offset, granularity, hashes),
