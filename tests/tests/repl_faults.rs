@@ -255,11 +255,22 @@ fn assert_no_full_resync(pair: &Pair, skip: usize, context: &str) -> Vec<(String
 }
 
 /// Waits until the target has an open session for the volume that recovered its store:
-/// connected, and applied == committed.
-fn wait_target_recovered(pair: &Pair, limit: Duration) -> serde_json::Value {
+/// connected, and applied == committed. The restarted target is armed with the next round's
+/// fault point; if that point is hit already during recovery (the target exits with 86), the
+/// target is started again unarmed: that kill came early, which is fine, but this round needs
+/// a live target.
+fn wait_target_recovered(pair: &mut Pair, limit: Duration) -> serde_json::Value {
     let deadline = Instant::now() + limit;
     loop {
-        if let Some(t) = pair.target_status() {
+        if !pair.target.is_alive() {
+            eprintln!("the target exited at its fault point during recovery; starting it unarmed");
+            restart_target(pair, Vec::new());
+        }
+        let all = try_status_json(&pair.target_admin).ok();
+        let t = all.as_ref().and_then(|all| {
+            all["volumes"].as_array()?.iter().find(|v| v["volume"] == pair.name.as_str()).cloned()
+        });
+        if let Some(t) = t {
             if t["connected"] == true && t["applied_epoch"] == t["last_committed_epoch"] {
                 return t;
             }
@@ -426,7 +437,7 @@ fn kill9_target_mid_apply() {
         };
         next = pick_kill(&mut rng, round + 1);
         restart_target(&mut pair, kill_env(&next));
-        let t = wait_target_recovered(&pair, Duration::from_secs(90));
+        let t = wait_target_recovered(&mut pair, Duration::from_secs(90));
         let recovered = u(&t, "last_committed_epoch");
         last_recovered = recovered;
         // Freeze the replica at a boundary: cut the link, let what is committed be applied,
