@@ -327,13 +327,12 @@ fn restart_target(pair: &mut Pair, env: Vec<(String, String)>) {
 // ---------------------------------------------------------------------------------------------
 // kill -9 target mid-apply
 
-const FAULT_POINTS: [&str; 5] = [
-    "target.journal.append",
-    "target.journal.sync",
-    "target.image.write",
-    "target.image.sync",
-    "target.meta.write",
-];
+// The points hit only while batches arrive and apply. `target.image.sync` and
+// `target.meta.write` are also hit at every session start (and at recovery), where an armed
+// target would die before the round began; those steps are covered by SIGKILL at random moments
+// here and by the store's power-cut test (a cut after every storage step).
+const FAULT_POINTS: [&str; 3] =
+    ["target.journal.append", "target.journal.sync", "target.image.write"];
 
 #[derive(Debug, Clone)]
 enum Kill {
