@@ -284,12 +284,33 @@ fn wait_target_recovered(pair: &mut Pair, limit: Duration) -> serde_json::Value 
 
 /// With the link blackholed, waits until the target's applied epoch is its committed one on
 /// three polls in a row (nothing in flight can commit any more), and returns it.
-fn wait_target_quiet(pair: &Pair, limit: Duration) -> u64 {
+fn wait_target_quiet(pair: &mut Pair, limit: Duration) -> u64 {
     let deadline = Instant::now() + limit;
     let mut last = None;
     let mut same = 0;
     loop {
-        let t = pair.target_status().expect("the target has the replica");
+        if !pair.target.is_alive() {
+            // The armed fault point was hit by batches still in flight when the link was cut:
+            // that kill came early. Recover the target unarmed (it needs the link to open its
+            // store), then cut the link again.
+            eprintln!("the target exited at its fault point while settling; starting it unarmed");
+            pair.proxy().blackhole(false);
+            restart_target(pair, Vec::new());
+            wait_target_recovered(pair, Duration::from_secs(90));
+            pair.proxy().blackhole(true);
+            last = None;
+            same = 0;
+            continue;
+        }
+        let Some(t) = try_status_json(&pair.target_admin).ok().and_then(|all| {
+            all["volumes"].as_array()?.iter().find(|v| v["volume"] == pair.name.as_str()).cloned()
+        }) else {
+            if Instant::now() > deadline {
+                panic!("the target did not answer within {limit:?}\n{}", pair.describe());
+            }
+            thread::sleep(Duration::from_millis(100));
+            continue;
+        };
         let now = (u(&t, "applied_epoch"), u(&t, "last_committed_epoch"));
         same = if now.0 == now.1 && Some(now) == last { same + 1 } else { 0 };
         last = Some(now);
@@ -442,7 +463,7 @@ fn kill9_target_mid_apply() {
         // Freeze the replica at a boundary: cut the link, let what is committed be applied,
         // read the image, then heal.
         pair.proxy().blackhole(true);
-        let applied = wait_target_quiet(&pair, Duration::from_secs(30));
+        let applied = wait_target_quiet(&mut pair, Duration::from_secs(30));
         let checked = writer.check_prefix(&image);
         pair.proxy().blackhole(false);
         let s = checked.unwrap_or_else(|e| {
