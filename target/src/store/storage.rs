@@ -54,46 +54,13 @@ pub fn is_no_space(e: &io::Error) -> bool {
         || c == rustix::io::Errno::DQUOT.raw_os_error())
 }
 
-/// Named fault points, compiled in with the `failpoints` feature: the environment variable
-/// `BLOCKFERRY_FAILPOINTS="name=action[@n],..."` makes the n-th hit (default the first) of
-/// point `name` either `exit` the process at once with status 86 (a crash between two steps)
-/// or fail with `error` (an I/O error). Points, each hit just before that operation:
-/// `target.journal.append`, `target.journal.sync`, `target.image.write`, `target.image.sync`,
-/// `target.meta.write`.
-pub fn failpoint(name: &str) -> io::Result<()> {
-    #[cfg(feature = "failpoints")]
-    {
-        use std::sync::atomic::{AtomicU64, Ordering};
-        use std::sync::OnceLock;
-        static POINTS: OnceLock<Vec<(String, String, u64, AtomicU64)>> = OnceLock::new();
-        let points = POINTS.get_or_init(|| {
-            let spec = std::env::var("BLOCKFERRY_FAILPOINTS").unwrap_or_default();
-            spec.split(',')
-                .filter_map(|p| {
-                    let (n, rest) = p.split_once('=')?;
-                    let (action, nth) = match rest.split_once('@') {
-                        Some((a, k)) => (a, k.parse().ok()?),
-                        None => (rest, 1),
-                    };
-                    Some((n.trim().to_string(), action.trim().to_string(), nth, AtomicU64::new(0)))
-                })
-                .collect()
-        });
-        for (n, action, nth, hits) in points {
-            if n == name && hits.fetch_add(1, Ordering::SeqCst) + 1 == *nth {
-                match action.as_str() {
-                    "exit" => {
-                        eprintln!("failpoint {name}: exit");
-                        std::process::exit(86);
-                    }
-                    _ => return Err(io::Error::other(format!("failpoint {name}"))),
-                }
-            }
-        }
-    }
-    let _ = name;
-    Ok(())
-}
+/// Named fault points ([`blockferry_faults`], compiled in with the `failpoints` feature): the
+/// environment variable `BLOCKFERRY_FAILPOINTS="name=action[@n],..."` makes the n-th hit
+/// (default the first) of point `name` either `exit` the process at once with status 86 (a
+/// crash between two steps) or fail with `error` (an I/O error). Points, each hit just before
+/// that operation: `target.journal.append`, `target.journal.sync`, `target.image.write`,
+/// `target.image.sync`, `target.meta.write`.
+pub use blockferry_faults::failpoint;
 
 fn point(file: &str, kind: &str) -> io::Result<()> {
     // Without the feature nothing is checked, and no point name is built on every write.
