@@ -46,6 +46,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
+use blockferry_protocol::repl::crc::{self, Combiner};
 use serde::Serialize;
 
 use crate::cbt::bitmap::Bitmap;
@@ -798,6 +799,7 @@ impl ClosedEpoch {
             blocks: self.data.blocks.iter().peekable(),
             zeros: self.data.zeros.iter(),
             zero: None,
+            combiner: Combiner::new(u64::from(self.block_size)),
         }
     }
 }
@@ -813,6 +815,8 @@ pub struct Runs<'a> {
     zeros: btree_map::Iter<'a, u64, u64>,
     /// The rest of the zero run being cut into frames.
     zero: Option<(u64, u64)>,
+    /// Combines a block's crc onto the run's (built once: one product per merged block).
+    combiner: Combiner,
 }
 
 impl Runs<'_> {
@@ -869,7 +873,11 @@ impl Iterator for Runs<'_> {
                         m
                     });
                     m.extend_from_slice(next);
-                    crc = crc32c::crc32c_combine(crc, *next_crc, next.len());
+                    crc = if next.len() as u64 == self.combiner.len() {
+                        self.combiner.combine(crc, *next_crc)
+                    } else {
+                        crc::combine(crc, *next_crc, next.len() as u64)
+                    };
                     self.blocks.next();
                     end += 1;
                 }

@@ -322,11 +322,25 @@ impl std::fmt::Display for Compression {
     }
 }
 
+/// The most frames sent raw without trying compression after tries that did not pay.
+pub const MAX_COMPRESSION_SKIP: u32 = 32;
+
 /// Builds the frames of one batch, keeping the sequence numbers and the batch checksum.
+///
+/// Compression backs off on data that does not compress: after a frame that compression did
+/// not shrink by at least 1/8, the next frames are sent raw without trying (2, 4, ... up to
+/// [`MAX_COMPRESSION_SKIP`] frames, doubling while the tries keep failing); one frame that
+/// compresses resets it. Encrypted or already compressed guest data (random to lz4) then costs
+/// one try in 32 instead of a compression of every block, while compressible data is still
+/// compressed frame by frame.
 #[derive(Debug, Default)]
 pub struct BatchWriter {
     seq: u32,
     batch_crc: u32,
+    /// Frames still to send raw without trying to compress.
+    skip: u32,
+    /// Consecutive tries that did not pay.
+    misses: u32,
     /// Bytes of block data framed (uncompressed).
     pub data_bytes: u64,
     /// Bytes of payload framed (as sent).
@@ -351,24 +365,39 @@ impl BatchWriter {
         let length = data.len() as u32;
         let (encoding, payload, crc) = if is_zero(&data) {
             (Encoding::Zero, Bytes::new(), 0)
+        } else if compression == Compression::Off || self.skip > 0 {
+            self.skip = self.skip.saturating_sub(1);
+            (Encoding::Raw, data, crc)
         } else {
-            match compression {
-                Compression::Off => (Encoding::Raw, data, crc),
-                Compression::Lz4 => {
-                    let c = lz4_flex::block::compress(&data);
-                    if c.len() < data.len() {
-                        (Encoding::Lz4, Bytes::from(c), crc)
-                    } else {
-                        (Encoding::Raw, data, crc)
+            let compressed = match compression {
+                Compression::Lz4 => Some((Encoding::Lz4, lz4_flex::block::compress(&data))),
+                Compression::Zstd(level) => {
+                    zstd::bulk::compress(&data, level).ok().map(|c| (Encoding::Zstd, c))
+                }
+                Compression::Off => None,
+            };
+            let len = data.len();
+            match compressed {
+                Some((encoding, c)) if c.len() <= len - len / 8 => {
+                    self.misses = 0;
+                    (encoding, Bytes::from(c), crc)
+                }
+                other => {
+                    self.misses = (self.misses + 1).min(MAX_COMPRESSION_SKIP.trailing_zeros());
+                    self.skip = 1 << self.misses;
+                    match other {
+                        Some((encoding, c)) if c.len() < len => (encoding, Bytes::from(c), crc),
+                        _ => (Encoding::Raw, data, crc),
                     }
                 }
-                Compression::Zstd(level) => match zstd::bulk::compress(&data, level) {
-                    Ok(c) if c.len() < data.len() => (Encoding::Zstd, Bytes::from(c), crc),
-                    _ => (Encoding::Raw, data, crc),
-                },
             }
         };
         self.frame(DataFrame { seq: 0, offset, length, encoding, crc, payload })
+    }
+
+    /// Frames still to be sent raw before compression is tried again.
+    pub fn skip_left(&self) -> u32 {
+        self.skip
     }
 
     /// A zero frame for `length` bytes at `offset`.

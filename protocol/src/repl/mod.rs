@@ -2,6 +2,7 @@
 //! control messages, and the sans-IO sessions of the agent and the target.
 
 pub mod agent;
+pub mod crc;
 pub mod frame;
 pub mod msg;
 pub mod target;

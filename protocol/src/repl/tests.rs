@@ -99,6 +99,40 @@ fn batch_round_trip_all_encodings() {
 }
 
 #[test]
+fn compression_backs_off_on_incompressible_data_and_comes_back() {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut random = || {
+        let mut v = vec![0u8; 4096];
+        for b in &mut v {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        Bytes::from(v)
+    };
+    let text = Bytes::from(b"blockferry ".repeat(400));
+    let mut w = BatchWriter::new();
+    let mut tried = 0;
+    for i in 0..1000u64 {
+        let d = random();
+        let before = w.skip_left();
+        let f = w.data(i * 4096, d.clone(), crc32c::crc32c(&d), Compression::Lz4);
+        assert_eq!(f.encoding, Encoding::Raw);
+        tried += usize::from(before == 0);
+    }
+    // One try, then skips of 2, 4, 8, 16 and 32 frames.
+    assert!(tried <= 1000 / 32 + 6, "{tried} tries of 1000 incompressible frames");
+    // Compressible data after the skip runs out is compressed again, and stays compressed.
+    let mut encodings = Vec::new();
+    for i in 0..40u64 {
+        let f = w.data(i * 4096, text.clone(), crc32c::crc32c(&text), Compression::Lz4);
+        encodings.push(f.encoding);
+    }
+    assert!(encodings[33..].iter().all(|e| *e == Encoding::Lz4), "{encodings:?}");
+}
+
+#[test]
 fn corrupted_payload_is_detected() {
     let data = Bytes::from(vec![7u8; 4096]);
     let mut w = BatchWriter::new();
