@@ -77,6 +77,10 @@ pub struct VolumeStatus {
     pub last_error: Option<String>,
 }
 
+/// Rounds of commands queued for a store thread before the connection waits (each round is
+/// what one read of the streams produced: up to about 1 MiB of frames).
+const STORE_QUEUE: usize = 32;
+
 enum Cmd {
     Begin(BatchHeader),
     Data { id: Epoch, offset: u64, length: u32, data: Option<Bytes> },
@@ -300,7 +304,9 @@ impl TargetServer {
             });
         }
         let mut session = TargetSession::new(TargetConfig::default());
-        let mut vol: Option<(Arc<Slot>, std::sync::mpsc::SyncSender<Cmd>)> = None;
+        let mut vol: Option<(Arc<Slot>, std::sync::mpsc::SyncSender<Vec<Cmd>>)> = None;
+        // Store commands of one round of actions, handed to the store thread together.
+        let mut cmds: Vec<Cmd> = Vec::new();
         let (reply_tx, mut replies) = mpsc::unbounded_channel::<Reply>();
         let mut worker: Option<std::thread::JoinHandle<()>> = None;
         let reason = 'conn: loop {
@@ -319,6 +325,7 @@ impl TargetServer {
                         }
                     }
                     Action::Close { reason } => {
+                        send_cmds(&vol, &mut cmds);
                         warn!(%remote, agent = %fp, "closing the session: {reason}");
                         // Let a refusal sent just before reach the agent (closing the
                         // connection at once would discard it): finish the control stream and
@@ -329,6 +336,7 @@ impl TargetServer {
                         break 'conn reason;
                     }
                     Action::Open(hello) => {
+                        send_cmds(&vol, &mut cmds);
                         self.preempt(&fp, &hello).await;
                         let r = self.open_volume(&fp, &hello, reply_tx.clone());
                         match r {
@@ -346,24 +354,25 @@ impl TargetServer {
                         }
                     }
                     Action::Hash { id, offset, granularity, count } => {
-                        send_cmd(&vol, Cmd::Hash { id, offset, granularity, count });
+                        cmds.push(Cmd::Hash { id, offset, granularity, count });
                     }
-                    Action::Begin(h) => send_cmd(&vol, Cmd::Begin(h)),
+                    Action::Begin(h) => cmds.push(Cmd::Begin(h)),
                     Action::Data { id, offset, length, data } => {
                         if let Some((slot, _)) = &vol {
                             slot.received.fetch_add(u64::from(length), Relaxed);
                         }
-                        send_cmd(&vol, Cmd::Data { id, offset, length, data });
+                        cmds.push(Cmd::Data { id, offset, length, data });
                     }
-                    Action::End { id, end } => send_cmd(&vol, Cmd::End { id, end }),
+                    Action::End { id, end } => cmds.push(Cmd::End { id, end }),
                     Action::Abort { id } => {
                         if let Some((slot, _)) = &vol {
                             slot.rejected.fetch_add(1, Relaxed);
                         }
-                        send_cmd(&vol, Cmd::Abort { id });
+                        cmds.push(Cmd::Abort { id });
                     }
                 }
             }
+            send_cmds(&vol, &mut cmds);
             tokio::select! {
                 input = inbox.recv() => match input {
                     Some(Input::Control(b)) => session.control_bytes(&b),
@@ -438,7 +447,7 @@ impl TargetServer {
         hello: &blockferry_protocol::repl::Hello,
         replies: mpsc::UnboundedSender<Reply>,
     ) -> Result<
-        (ReplicaInfo, Arc<Slot>, std::sync::mpsc::SyncSender<Cmd>, std::thread::JoinHandle<()>),
+        (ReplicaInfo, Arc<Slot>, std::sync::mpsc::SyncSender<Vec<Cmd>>, std::thread::JoinHandle<()>),
         Refusal,
     > {
         if !self.allowed(fp, &hello.name) {
@@ -534,7 +543,7 @@ impl TargetServer {
                 store.image_path().map(|p| p.display().to_string()).unwrap_or_default();
             refresh(&mut st, &store);
         }
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Cmd>(1024);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Cmd>>(STORE_QUEUE);
         let slot2 = slot.clone();
         let handle = std::thread::Builder::new()
             .name(format!("store-{}", hello.name))
@@ -554,11 +563,24 @@ enum Input {
     Closed(String),
 }
 
-fn send_cmd(vol: &Option<(Arc<Slot>, std::sync::mpsc::SyncSender<Cmd>)>, cmd: Cmd) {
+/// Hands `cmds` (emptied) to the volume's store thread in one message (one wake-up).
+fn send_cmds(vol: &Option<(Arc<Slot>, std::sync::mpsc::SyncSender<Vec<Cmd>>)>, cmds: &mut Vec<Cmd>) {
+    if cmds.is_empty() {
+        return;
+    }
+    let cmd = std::mem::take(cmds);
     if let Some((_, tx)) = vol {
-        // The store thread drains quickly; a full queue (1024 commands) waits here, which is
-        // the backpressure that slows the agent's streams through QUIC flow control.
-        let _ = tokio::task::block_in_place(|| tx.send(cmd));
+        // The store thread drains quickly; a full queue (STORE_QUEUE rounds of commands) waits
+        // here, which is the backpressure that slows the agent's streams through QUIC flow
+        // control.
+        // try_send first: block_in_place hands the worker's other tasks to a new thread, far
+        // too dear for every frame.
+        match tx.try_send(cmd) {
+            Ok(()) | Err(std::sync::mpsc::TrySendError::Disconnected(_)) => {}
+            Err(std::sync::mpsc::TrySendError::Full(cmd)) => {
+                let _ = tokio::task::block_in_place(|| tx.send(cmd));
+            }
+        }
     }
 }
 
@@ -596,7 +618,7 @@ fn fail_code(e: &StoreError) -> FailCode {
 /// runs dry (group commit), applies when idle.
 fn store_thread(
     mut store: ReplicaStore,
-    rx: std::sync::mpsc::Receiver<Cmd>,
+    rx: std::sync::mpsc::Receiver<Vec<Cmd>>,
     replies: mpsc::UnboundedSender<Reply>,
     slot: Arc<Slot>,
 ) {
@@ -605,15 +627,21 @@ fn store_thread(
     let mut ended: Option<Instant> = None;
     let mut failed: Option<Epoch> = None;
     let mut last_refresh = Instant::now();
+    let mut queue: std::collections::VecDeque<Cmd> = std::collections::VecDeque::new();
     loop {
         // Group commit: when the queue runs dry, or at the latest 50 ms after a batch ended
         // while data keeps streaming in.
         let overdue = ended.is_some_and(|t| t.elapsed() >= Duration::from_millis(50));
         let cmd = if overdue {
             None
+        } else if let Some(c) = queue.pop_front() {
+            Some(c)
         } else {
             match rx.recv_timeout(Duration::from_millis(if ended.is_some() { 0 } else { 200 })) {
-                Ok(c) => Some(c),
+                Ok(cs) => {
+                    queue.extend(cs);
+                    queue.pop_front()
+                }
                 Err(RecvTimeoutError::Timeout) => None,
                 Err(RecvTimeoutError::Disconnected) => break,
             }

@@ -53,6 +53,9 @@ pub use volumes::Store;
 /// The image file's name.
 pub const IMAGE_FILE: &str = "image.raw";
 
+/// The most journal bytes one read of apply fetches (records that follow each other).
+const APPLY_READ_SPAN: u64 = 4 << 20;
+
 /// Tunables.
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -583,49 +586,67 @@ impl ReplicaStore {
     }
 
     /// Step 1 of apply: the data records of `batches` into the image. True if it wrote.
+    /// Records that follow each other in a segment are read together (up to
+    /// [`APPLY_READ_SPAN`] bytes per read).
     fn write_batches(&mut self, batches: &[Batch]) -> Result<bool, StoreError> {
-        let seg_names: BTreeMap<u64, String> =
-            self.segments.keys().map(|&s| (s, journal::segment_name(s))).collect();
         let mut buf = Vec::new();
         let mut wrote = false;
         for b in batches {
-            for loc in &b.recs {
-                let file = &seg_names
-                    .get(&loc.seg)
-                    .cloned()
-                    .unwrap_or_else(|| journal::segment_name(loc.seg));
-                buf.resize(loc.len as usize, 0);
+            let mut i = 0;
+            while i < b.recs.len() {
+                // The span of records i..j, contiguous in one segment.
+                let first = b.recs[i];
+                let mut j = i + 1;
+                let mut end = first.off + first.len;
+                while let Some(next) = b.recs.get(j) {
+                    if next.seg != first.seg
+                        || next.off != end
+                        || end + next.len - first.off > APPLY_READ_SPAN
+                    {
+                        break;
+                    }
+                    end += next.len;
+                    j += 1;
+                }
+                let file = journal::segment_name(first.seg);
+                buf.resize((end - first.off) as usize, 0);
                 let n = self
                     .storage
-                    .read_at(file, loc.off, &mut buf)
-                    .map_err(|e| describe_io(&*self.storage, file, "reading", e))?;
-                let rec = buf
-                    .get(..n)
-                    .filter(|_| n == buf.len())
-                    .ok_or("record cut short".to_string())
-                    .and_then(journal::decode);
-                let (offset, length, bytes) = match rec {
-                    Ok(journal::Decoded {
-                        body: Body::Data { id, offset, length, zero, bytes },
-                        ..
-                    }) if id == b.header.id => (offset, length, (!zero).then_some(bytes)),
-                    Ok(_) => {
-                        return Err(self.corrupt(
-                            file,
-                            format!(
-                                "record at {} is not a data record of batch {}",
-                                loc.off, b.header.id
-                            ),
-                        ))
-                    }
-                    Err(e) => return Err(self.corrupt(file, format!("record at {}: {e}", loc.off))),
-                };
-                let r = match &bytes {
-                    Some(d) => self.storage.write_at(IMAGE_FILE, offset, d),
-                    None => self.storage.zero(IMAGE_FILE, offset, u64::from(length)),
-                };
-                r.map_err(|e| self.fail("applying to", IMAGE_FILE, e))?;
-                wrote = true;
+                    .read_at(&file, first.off, &mut buf)
+                    .map_err(|e| describe_io(&*self.storage, &file, "reading", e))?;
+                for loc in &b.recs[i..j] {
+                    let at = (loc.off - first.off) as usize;
+                    let rec = buf
+                        .get(at..at + loc.len as usize)
+                        .filter(|_| at + loc.len as usize <= n)
+                        .ok_or("record cut short".to_string())
+                        .and_then(journal::decode);
+                    let (offset, length, bytes) = match rec {
+                        Ok(journal::Decoded {
+                            body: Body::Data { id, offset, length, zero, bytes },
+                            ..
+                        }) if id == b.header.id => (offset, length, (!zero).then_some(bytes)),
+                        Ok(_) => {
+                            return Err(self.corrupt(
+                                &file,
+                                format!(
+                                    "record at {} is not a data record of batch {}",
+                                    loc.off, b.header.id
+                                ),
+                            ))
+                        }
+                        Err(e) => {
+                            return Err(self.corrupt(&file, format!("record at {}: {e}", loc.off)))
+                        }
+                    };
+                    let r = match &bytes {
+                        Some(d) => self.storage.write_at(IMAGE_FILE, offset, d),
+                        None => self.storage.zero(IMAGE_FILE, offset, u64::from(length)),
+                    };
+                    r.map_err(|e| self.fail("applying to", IMAGE_FILE, e))?;
+                    wrote = true;
+                }
+                i = j;
             }
         }
         Ok(wrote)

@@ -34,6 +34,12 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn len(&self, file: &str) -> io::Result<Option<u64>>;
     /// Makes every earlier change to `file` durable (fdatasync).
     fn sync(&self, file: &str) -> io::Result<()>;
+    /// Drops the clean cached pages of `file` (after a sync): the replica image is written
+    /// once and rarely read, so the target keeps no page cache for it. Advisory; the default
+    /// does nothing.
+    fn drop_cache(&self, _file: &str) -> io::Result<()> {
+        Ok(())
+    }
     /// Creates `file` empty if it does not exist, durably (the directory is synced).
     fn create(&self, file: &str) -> io::Result<()>;
     /// Creates or replaces `file` with `data`, durably and atomically.
@@ -170,6 +176,12 @@ impl Storage for DirStorage {
     fn sync(&self, file: &str) -> io::Result<()> {
         point(file, "sync")?;
         self.file(file)?.sync_data()
+    }
+
+    fn drop_cache(&self, file: &str) -> io::Result<()> {
+        let f = self.file(file)?;
+        rustix::fs::fadvise(&*f, 0, None, rustix::fs::Advice::DontNeed)?;
+        Ok(())
     }
 
     fn create(&self, file: &str) -> io::Result<()> {
