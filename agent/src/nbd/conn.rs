@@ -442,11 +442,11 @@ async fn execute(req: &Request, payload: Option<IoBuf>, ctx: &Ctx) -> Body {
                     // Order: capture begin, tracking begin, disk, capture, tracking end (see
                     // `capture_begin`). A failed write captures nothing.
                     let captured = capture_begin(ctx, offset, u64::from(len)).await;
-                    let _tracked = track(ctx, offset, u64::from(len)).await?;
+                    let tracked = track(ctx, offset, u64::from(len)).await?;
                     let buf = engine.write(offset, buf, fua).await?;
-                    if let Some(g) = captured {
-                        g.data(buf.as_slice());
-                    }
+                    let wait = captured.and_then(|g| g.data(buf.as_slice()));
+                    drop(tracked);
+                    sync_ack("write", offset, u64::from(len), wait).await?;
                 }
                 stats.write(u64::from(len));
                 Ok(Body::Ok)
@@ -459,11 +459,11 @@ async fn execute(req: &Request, payload: Option<IoBuf>, ctx: &Ctx) -> Body {
             Command::Trim { fua } => {
                 for (at, n) in pieces(ctx, offset, u64::from(len)) {
                     let captured = capture_begin(ctx, at, n).await;
-                    let _tracked = track(ctx, at, n).await?;
+                    let tracked = track(ctx, at, n).await?;
                     engine.trim(at, n).await?;
-                    if let Some(g) = captured {
-                        g.zero();
-                    }
+                    let wait = captured.and_then(|g| g.zero());
+                    drop(tracked);
+                    sync_ack("trim", at, n, wait).await?;
                 }
                 if fua {
                     engine.flush().await?;
@@ -474,11 +474,11 @@ async fn execute(req: &Request, payload: Option<IoBuf>, ctx: &Ctx) -> Body {
             Command::WriteZeroes { fua, no_hole, fast } => {
                 for (at, n) in pieces(ctx, offset, u64::from(len)) {
                     let captured = capture_begin(ctx, at, n).await;
-                    let _tracked = track(ctx, at, n).await?;
+                    let tracked = track(ctx, at, n).await?;
                     engine.write_zeroes(at, n, no_hole, fast).await?;
-                    if let Some(g) = captured {
-                        g.zero();
-                    }
+                    let wait = captured.and_then(|g| g.zero());
+                    drop(tracked);
+                    sync_ack("write zeroes", at, n, wait).await?;
                 }
                 if fua {
                     engine.flush().await?;
@@ -560,6 +560,31 @@ async fn capture_begin(ctx: &Ctx, offset: u64, len: u64) -> Option<CaptureGuard<
     match &ctx.capture {
         Some(c) => Some(c.begin(offset, len).await),
         None => None,
+    }
+}
+
+/// Sync replication: waits until the target has the completed write `op` durably (or the
+/// volume's policy answers otherwise) before it is acknowledged. A write the policy fails
+/// (`block`, the target stayed away) is an I/O error to the client, though it is on the local
+/// disk: it was not acknowledged, and the bitmap sends it when the target is back.
+async fn sync_ack(
+    op: &'static str,
+    offset: u64,
+    len: u64,
+    wait: Option<crate::repl::capture::SyncWait>,
+) -> Result<(), EngineError> {
+    use crate::repl::capture::SyncOutcome;
+    match wait {
+        None => Ok(()),
+        Some(w) => match w.outcome().await {
+            SyncOutcome::Durable | SyncOutcome::Degraded => Ok(()),
+            SyncOutcome::Failed(reason) => Err(EngineError::Io {
+                op,
+                offset,
+                len,
+                source: std::io::Error::other(format!("sync replication: {reason}")),
+            }),
+        },
     }
 }
 

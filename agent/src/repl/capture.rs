@@ -45,12 +45,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Instant;
 
-use bytes::{Bytes, BytesMut};
 use blockferry_protocol::repl::crc::{self, Combiner};
+use bytes::{Bytes, BytesMut};
 use serde::Serialize;
 
 use crate::cbt::bitmap::Bitmap;
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, oneshot, Notify};
 
 /// Budget charged per stored entry (a data or reread block, a zero run) on top of its payload:
 /// the share of a B-tree node and the `Bytes` header, rounded up.
@@ -226,6 +226,10 @@ pub struct CaptureStats {
 
 #[derive(Debug)]
 struct Inner {
+    /// Sync mode: every completed write is also sent here at once (see [`LiveWrite`]).
+    live: Option<mpsc::UnboundedSender<LiveWrite>>,
+    /// Live writes were sent while the open epoch was open (it closes even if it is empty).
+    live_in_open: bool,
     buffering: bool,
     open: EpochData,
     /// Close sequence number the open epoch will get.
@@ -257,6 +261,8 @@ pub struct Capture {
     budget: u64,
     /// Mirror of `Inner::buffering` for the lock-free check of guards.
     buffering: AtomicBool,
+    /// Mirror of `Inner::live.is_some()`.
+    live_on: AtomicBool,
     overflow: AtomicBool,
     inner: Mutex<Inner>,
     /// Blocks written while buffering was off, or whose captured data was dropped (overflow,
@@ -285,7 +291,10 @@ impl Capture {
             budget,
             buffering: AtomicBool::new(false),
             overflow: AtomicBool::new(false),
+            live_on: AtomicBool::new(false),
             inner: Mutex::new(Inner {
+                live: None,
+                live_in_open: false,
                 buffering: false,
                 open: EpochData::default(),
                 next_seq: 1,
@@ -385,9 +394,10 @@ impl Capture {
     /// the returned epoch, writes begun after it in a later one.
     pub fn close_epoch(&self) -> Option<ClosedEpoch> {
         let mut inner = lock(&self.inner);
-        if inner.open.is_empty() {
+        if inner.open.is_empty() && !inner.live_in_open {
             return None;
         }
+        inner.live_in_open = false;
         let data = Arc::new(std::mem::take(&mut inner.open));
         let seq = inner.next_seq;
         inner.next_seq += 1;
@@ -522,18 +532,24 @@ impl Capture {
     }
 
     /// Records completed data `data` at `offset`.
-    fn record(&self, offset: u64, data: &[u8]) {
+    fn record(&self, offset: u64, data: &[u8]) -> Option<SyncWait> {
         if data.is_empty() {
-            return;
-        }
-        if !self.buffering() {
-            return self.mark_unbuffered(offset, data.len() as u64);
+            return None;
         }
         let end = (offset + data.len() as u64).min(self.size);
         if offset >= end {
-            return;
+            return None;
         }
         let data = &data[..(end - offset) as usize];
+        let wait = if self.live_on.load(Ordering::Acquire) {
+            self.send_live(offset, end, Some(data))
+        } else {
+            None
+        };
+        if !self.buffering() {
+            self.mark_unbuffered(offset, data.len() as u64);
+            return wait;
+        }
         let (first, last) = (offset >> self.shift, (end - 1) >> self.shift);
         // Whole blocks are copied and checksummed before the lock is taken.
         let mut whole: Vec<(u64, Slot)> = Vec::with_capacity((last - first + 1) as usize);
@@ -552,7 +568,8 @@ impl Capture {
         let mut inner = lock(&self.inner);
         if !inner.buffering {
             drop(inner);
-            return self.mark_unbuffered(offset, end - offset);
+            self.mark_unbuffered(offset, end - offset);
+            return wait;
         }
         let before = inner.open.bytes;
         let mut coalesced = 0;
@@ -565,19 +582,26 @@ impl Capture {
         inner.stats.bytes_captured += data.len() as u64;
         inner.stats.coalesced_bytes += coalesced;
         self.after_record(inner, before);
+        wait
     }
 
     /// Records a completed trim or zeroing of `[offset, offset + len)`.
-    fn record_zero(&self, offset: u64, len: u64) {
+    fn record_zero(&self, offset: u64, len: u64) -> Option<SyncWait> {
         if len == 0 {
-            return;
-        }
-        if !self.buffering() {
-            return self.mark_unbuffered(offset, len);
+            return None;
         }
         let end = offset.saturating_add(len).min(self.size);
         if offset >= end {
-            return;
+            return None;
+        }
+        let wait = if self.live_on.load(Ordering::Acquire) {
+            self.send_live(offset, end, None)
+        } else {
+            None
+        };
+        if !self.buffering() {
+            self.mark_unbuffered(offset, len);
+            return wait;
         }
         let bs = u64::from(self.block_size);
         // Whole blocks [zf, ze); the last block of the volume is whole when `end` is the end.
@@ -587,7 +611,8 @@ impl Capture {
         let mut inner = lock(&self.inner);
         if !inner.buffering {
             drop(inner);
-            return self.mark_unbuffered(offset, end - offset);
+            self.mark_unbuffered(offset, end - offset);
+            return wait;
         }
         let before = inner.open.bytes;
         let mut coalesced = 0;
@@ -606,6 +631,71 @@ impl Capture {
         }
         inner.stats.coalesced_bytes += coalesced;
         self.after_record(inner, before);
+        wait
+    }
+
+    /// Sync mode: starts (`Some`) or stops (`None`) sending every completed write to `tx` as a
+    /// [`LiveWrite`], in capture order, tagged with the open epoch. Writes completed after the
+    /// call are sent; the receiver answers each write's [`SyncWait`].
+    pub fn set_live(&self, tx: Option<mpsc::UnboundedSender<LiveWrite>>) {
+        let mut inner = lock(&self.inner);
+        self.live_on.store(tx.is_some(), Ordering::Release);
+        inner.live = tx;
+    }
+
+    /// True while writes are sent live.
+    pub fn is_live(&self) -> bool {
+        self.live_on.load(Ordering::Acquire)
+    }
+
+    /// Sends the completed write or zeroing (`data: None`) of `[offset, end)` live, under the
+    /// lock that orders it with epoch closes. Whole blocks travel as they are; a partial head
+    /// or tail block is sent as "read it from the image" (the shipper reads the block after
+    /// this write completed, so it holds this write).
+    fn send_live(&self, offset: u64, end: u64, data: Option<&[u8]>) -> Option<SyncWait> {
+        let bs = u64::from(self.block_size);
+        // Whole blocks [wf, we) by byte offsets; the last block of the volume is whole when
+        // `end` is the end.
+        let wf = offset.div_ceil(bs) * bs;
+        let we = if end == self.size { end } else { end / bs * bs };
+        let mut pieces = Vec::with_capacity(3);
+        if wf < we {
+            pieces.push(LivePiece {
+                offset: wf,
+                len: we - wf,
+                content: match data {
+                    Some(d) => {
+                        let bytes = &d[(wf - offset) as usize..(we - offset) as usize];
+                        LiveContent::Data(Bytes::copy_from_slice(bytes), crc32c::crc32c(bytes))
+                    }
+                    None => LiveContent::Zero,
+                },
+            });
+        }
+        let (first, last) = (offset >> self.shift, (end - 1) >> self.shift);
+        for b in [first, last] {
+            let start = b << self.shift;
+            let whole = start >= wf && start < we;
+            if !whole
+                && !pieces.iter().any(|p| p.offset == start && p.content == LiveContent::Reread)
+            {
+                pieces.push(LivePiece {
+                    offset: start,
+                    len: self.block_len(b),
+                    content: LiveContent::Reread,
+                });
+            }
+        }
+        pieces.sort_by_key(|p| p.offset);
+        let (done, wait) = oneshot::channel();
+        let mut inner = lock(&self.inner);
+        let epoch = inner.next_seq;
+        let tx = inner.live.as_ref()?;
+        if tx.send(LiveWrite { epoch, pieces, done }).is_err() {
+            return None;
+        }
+        inner.live_in_open = true;
+        Some(SyncWait(wait))
     }
 
     /// Applies a partial write (`Some(bytes)`) or zeroing (`None`) of bytes `[from, to)` of
@@ -674,6 +764,60 @@ impl Capture {
     }
 }
 
+/// A completed write sent live to the target (sync mode): its pieces in offset order, the
+/// open epoch it belongs to, and where to answer.
+#[derive(Debug)]
+pub struct LiveWrite {
+    /// Close sequence number of the epoch the write is in.
+    pub epoch: u64,
+    pub pieces: Vec<LivePiece>,
+    /// Answered when the target has the write durably, or the policy decided otherwise.
+    pub done: oneshot::Sender<SyncOutcome>,
+}
+
+/// A block-aligned part of a live write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LivePiece {
+    pub offset: u64,
+    pub len: u64,
+    pub content: LiveContent,
+}
+
+/// What a live piece carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LiveContent {
+    /// Whole blocks and their crc32c, computed at capture.
+    Data(Bytes, u32),
+    /// Whole blocks that read as zeros.
+    Zero,
+    /// A block written in part: read it from the local image.
+    Reread,
+}
+
+/// How a sync write ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SyncOutcome {
+    /// Durable at the target.
+    Durable,
+    /// Not at the target, acknowledged anyway: the volume degraded (policy `degrade`) and the
+    /// bitmap holds the write.
+    Degraded,
+    /// Fails the write (policy `block`, the target stayed away): the reason.
+    Failed(String),
+}
+
+/// What a sync write waits for before its acknowledgement.
+#[derive(Debug)]
+pub struct SyncWait(oneshot::Receiver<SyncOutcome>);
+
+impl SyncWait {
+    /// Waits for the outcome. A shipper that went away without answering counts as
+    /// degraded (the write is on the local disk and in the bitmap).
+    pub async fn outcome(self) -> SyncOutcome {
+        self.0.await.unwrap_or(SyncOutcome::Degraded)
+    }
+}
+
 /// Held from [`Capture::begin`] until the local write completed; overlapping writes wait
 /// for it.
 #[derive(Debug)]
@@ -688,14 +832,16 @@ pub struct CaptureGuard<'a> {
 impl CaptureGuard<'_> {
     /// The local write completed: records its bytes (copied) in the open epoch.
     /// `data.len()` is the length given to `begin`.
-    pub fn data(self, data: &[u8]) {
+    /// In sync mode: returns what to wait for before acknowledging the write.
+    pub fn data(self, data: &[u8]) -> Option<SyncWait> {
         debug_assert_eq!(data.len() as u64, self.len);
-        self.capture.record(self.offset, data);
+        self.capture.record(self.offset, data)
     }
 
-    /// A trim or write-zeroes completed: the range reads as zeros at the source.
-    pub fn zero(self) {
-        self.capture.record_zero(self.offset, self.len);
+    /// A trim or write-zeroes completed: the range reads as zeros at the source. In sync
+    /// mode: returns what to wait for before acknowledging it.
+    pub fn zero(self) -> Option<SyncWait> {
+        self.capture.record_zero(self.offset, self.len)
     }
 }
 
@@ -1263,5 +1409,71 @@ mod tests {
             println!("capture of a 4 KiB write ({label}): {per:?} each");
             assert!(per < std::time::Duration::from_micros(2), "{per:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn live_writes_carry_their_epoch_and_are_answered() {
+        let c = on(64 * BS, 1 << 20);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        c.set_live(Some(tx));
+        assert!(c.is_live());
+        let d = vec![7u8; 2 * BS as usize];
+        let w = begin(&c, BS, 2 * BS).data(&d).expect("a live write waits");
+        let lw = rx.try_recv().unwrap();
+        assert_eq!(lw.epoch, 1);
+        assert_eq!(
+            lw.pieces,
+            vec![LivePiece {
+                offset: BS,
+                len: 2 * BS,
+                content: LiveContent::Data(Bytes::from(d.clone()), crc32c::crc32c(&d)),
+            }]
+        );
+        lw.done.send(SyncOutcome::Durable).unwrap();
+        assert_eq!(w.outcome().await, SyncOutcome::Durable);
+        // Buffered too (the epoch's blocks are what commits clear from the bitmap).
+        let e = c.close_epoch().unwrap();
+        assert_eq!(e.seq, 1);
+        assert_eq!(e.block_count(), 2);
+        // Zeroing, next epoch.
+        let w = begin(&c, 0, 4 * BS).zero().unwrap();
+        let lw = rx.try_recv().unwrap();
+        assert_eq!((lw.epoch, lw.pieces.len()), (2, 1));
+        assert_eq!(lw.pieces[0].content, LiveContent::Zero);
+        drop(lw);
+        // A shipper that drops the answer: degraded (the write is in the bitmap).
+        assert_eq!(w.outcome().await, SyncOutcome::Degraded);
+    }
+
+    #[test]
+    fn partial_blocks_of_a_live_write_are_reread() {
+        let c = on(64 * BS, 1 << 20);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        c.set_live(Some(tx));
+        let _w = begin(&c, BS + 512, 2 * BS).data(&vec![1u8; 2 * BS as usize]);
+        let lw = rx.try_recv().unwrap();
+        let kinds: Vec<(u64, u64, bool)> =
+            lw.pieces.iter().map(|p| (p.offset, p.len, p.content == LiveContent::Reread)).collect();
+        assert_eq!(kinds, vec![(BS, BS, true), (2 * BS, BS, false), (3 * BS, BS, true)]);
+        // Inside one block: one reread piece.
+        let _w = begin(&c, 512, 1024).data(&[2u8; 1024]);
+        let lw = rx.try_recv().unwrap();
+        assert_eq!(lw.pieces, vec![LivePiece { offset: 0, len: BS, content: LiveContent::Reread }]);
+    }
+
+    #[test]
+    fn live_writes_go_on_without_buffering_and_their_epoch_closes() {
+        let c = Capture::new(64 * BS, BS as u32, 1 << 20);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        c.set_live(Some(tx));
+        let _w = begin(&c, 0, BS).data(&[3u8; BS as usize]).expect("sent live");
+        assert_eq!(rx.try_recv().unwrap().epoch, 1);
+        // Nothing buffered, but the epoch the live write went into closes.
+        let e = c.close_epoch().expect("an epoch with live writes closes");
+        assert_eq!((e.seq, e.block_count()), (1, 0));
+        assert!(c.close_epoch().is_none());
+        c.set_live(None);
+        assert!(begin(&c, 0, BS).data(&[3u8; BS as usize]).is_none());
+        assert!(rx.try_recv().is_err());
     }
 }
