@@ -122,6 +122,14 @@ pub struct ReplicationConfig {
     /// Bandwidth limit in bytes per second (K/M/G suffixes), none by default.
     #[serde(default, with = "opt_size")]
     pub bandwidth: Option<u64>,
+    /// Sync mode, when the target is unreachable or too slow: `degrade` (default: write on
+    /// locally, resync later) or `block` (hold writes up to `block-timeout-ms`, then EIO).
+    pub on_disconnect: Option<String>,
+    /// `block`: how long writes wait for the target before they fail (default 30000 ms).
+    pub block_timeout_ms: Option<u64>,
+    /// Sync mode: a write unanswered by the target this long counts as a disconnect
+    /// (default 5000 ms).
+    pub ack_timeout_ms: Option<u64>,
 }
 
 fn default_mode() -> String {
@@ -162,6 +170,22 @@ impl ReplicationConfig {
             o.epoch_interval = std::time::Duration::from_millis(ms);
         }
         o.bandwidth = self.bandwidth;
+        if let Some(p) = &self.on_disconnect {
+            o.on_disconnect = crate::repl::shipper::OnDisconnect::parse(p)
+                .ok_or_else(|| format!("on-disconnect = {p:?}: use \"degrade\" or \"block\""))?;
+        }
+        if let Some(ms) = self.block_timeout_ms {
+            if !(100..=3_600_000).contains(&ms) {
+                return Err(format!("block-timeout-ms = {ms}: between 100 and 3600000"));
+            }
+            o.block_timeout = std::time::Duration::from_millis(ms);
+        }
+        if let Some(ms) = self.ack_timeout_ms {
+            if !(10..=600_000).contains(&ms) {
+                return Err(format!("ack-timeout-ms = {ms}: between 10 and 600000"));
+            }
+            o.ack_timeout = std::time::Duration::from_millis(ms);
+        }
         o.epoch_bytes = (o.budget / 4).max(1 << 20);
         Ok(o)
     }
@@ -402,5 +426,32 @@ mod tests {
         assert!(matches!(c.validate(), Err(ConfigError::TlsWithoutCert { .. })));
         c.volumes[0].tls = None;
         assert_eq!(c.validate().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn replication_policies_parse_and_bad_values_are_named() {
+        let repl = |extra: &str| {
+            let text = format!(
+                "[[volume]]\ndir = \"/a\"\n[volume.replication]\ntarget = \"127.0.0.1:4433\"\n\
+                 target-fingerprint = \"sha256:{}\"\n{extra}",
+                "ab".repeat(32)
+            );
+            let c = Config::from_toml(&text, Path::new("t.toml")).unwrap();
+            c.volumes[0].replication.clone().unwrap().options()
+        };
+        let o = repl("").unwrap();
+        use crate::repl::shipper::OnDisconnect;
+        assert_eq!(o.on_disconnect, OnDisconnect::Degrade);
+        assert_eq!(o.block_timeout, std::time::Duration::from_secs(30));
+        assert_eq!(o.ack_timeout, std::time::Duration::from_secs(5));
+        let o = repl("on-disconnect = \"block\"\nblock-timeout-ms = 2000\nack-timeout-ms = 500")
+            .unwrap();
+        assert_eq!(o.on_disconnect, OnDisconnect::Block);
+        assert_eq!(o.block_timeout, std::time::Duration::from_secs(2));
+        assert_eq!(o.ack_timeout, std::time::Duration::from_millis(500));
+        let e = repl("on-disconnect = \"panic\"").unwrap_err();
+        assert!(e.contains("on-disconnect") && e.contains("degrade"), "{e}");
+        assert!(repl("block-timeout-ms = 1").unwrap_err().contains("block-timeout-ms"));
+        assert!(repl("ack-timeout-ms = 0").unwrap_err().contains("ack-timeout-ms"));
     }
 }

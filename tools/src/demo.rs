@@ -116,6 +116,9 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             budget: None,
             epoch_interval_ms: None,
             bandwidth: None,
+            on_disconnect: None,
+            block_timeout_ms: None,
+            ack_timeout_ms: None,
         });
     }
     let config = Config {

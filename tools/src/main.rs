@@ -118,6 +118,16 @@ struct AgentArgs {
     /// Epochs close this often, in milliseconds (default 1000).
     #[arg(long, requires = "target")]
     epoch_interval_ms: Option<u64>,
+    /// Sync mode, target unreachable: degrade (write on locally) or block (EIO after
+    /// --block-timeout-ms).
+    #[arg(long, requires = "target")]
+    on_disconnect: Option<String>,
+    /// With --on-disconnect block: how long writes wait for the target (default 30000).
+    #[arg(long, requires = "target")]
+    block_timeout_ms: Option<u64>,
+    /// Sync mode: a write the target leaves unanswered this long is a disconnect (default 5000).
+    #[arg(long, requires = "target")]
+    ack_timeout_ms: Option<u64>,
 }
 
 impl AgentArgs {
@@ -165,6 +175,9 @@ impl AgentArgs {
                 budget: self.budget.as_deref().map(parse_size).transpose()?,
                 epoch_interval_ms: self.epoch_interval_ms,
                 bandwidth: self.bandwidth.as_deref().map(parse_size).transpose()?,
+                on_disconnect: self.on_disconnect.clone(),
+                block_timeout_ms: self.block_timeout_ms,
+                ack_timeout_ms: self.ack_timeout_ms,
             }),
             _ => None,
         };

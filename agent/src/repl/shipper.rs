@@ -52,6 +52,36 @@ pub struct ReplicationOptions {
     pub epoch_bytes: u64,
     /// Bytes per second on the wire, if limited.
     pub bandwidth: Option<u64>,
+    /// Sync mode: what writes do while the target is unreachable.
+    pub on_disconnect: OnDisconnect,
+    /// `OnDisconnect::Block`: how long a write waits for the target before it fails.
+    pub block_timeout: Duration,
+    /// Sync mode: a write the target has not made durable after this long counts as a
+    /// disconnect.
+    pub ack_timeout: Duration,
+}
+
+/// Sync mode's answer to an unreachable or too slow target (config `on-disconnect`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnDisconnect {
+    /// Write on locally, tracked in the bitmap; resync and return to sync by itself (DRBD's
+    /// behaviour).
+    #[default]
+    Degrade,
+    /// Hold writes up to the block timeout, then fail them with EIO: no write is acknowledged
+    /// that the DR site does not have.
+    Block,
+}
+
+impl OnDisconnect {
+    pub fn parse(s: &str) -> Option<OnDisconnect> {
+        match s {
+            "degrade" => Some(OnDisconnect::Degrade),
+            "block" => Some(OnDisconnect::Block),
+            _ => None,
+        }
+    }
 }
 
 impl ReplicationOptions {
@@ -65,6 +95,9 @@ impl ReplicationOptions {
             epoch_interval: Duration::from_secs(1),
             epoch_bytes: 64 << 20,
             bandwidth: None,
+            on_disconnect: OnDisconnect::Degrade,
+            block_timeout: Duration::from_secs(30),
+            ack_timeout: Duration::from_secs(5),
         }
     }
 }
