@@ -4,6 +4,7 @@ pub mod capture;
 pub mod limiter;
 mod resync;
 pub mod shipper;
+pub mod syncacks;
 mod verify;
 
 use std::collections::{BTreeMap, HashMap};
