@@ -84,10 +84,15 @@ fn report_text(v: &Value) -> Result<String> {
 }
 
 async fn run_async(args: VerifyArgs) -> Result<Outcome> {
-    let mut client = Client::new(args.admin, "agent");
+    let mut client = Client::new(args.admin.clone(), "agent");
     client.timeout = Duration::from_secs(args.timeout);
     let path = format!("/v1/volumes/{}/verify", encode_segment(&args.volume));
-    let v = client.call(Method::POST, &path, None).await?;
+    let call = client.call(Method::POST, &path, None);
+    let progress = show_progress(Client::new(args.admin.clone(), "agent"), args.volume.clone());
+    let v = tokio::select! {
+        v = call => v?,
+        () = progress => unreachable!("the progress display never ends"),
+    };
     let differing = v
         .get("differing")
         .and_then(Value::as_array)
@@ -99,6 +104,37 @@ async fn run_async(args: VerifyArgs) -> Result<Outcome> {
         print!("{}", report_text(&v)?);
     }
     Ok(outcome)
+}
+
+/// Prints the comparison's progress on stderr (from the agent's status) while it runs: every
+/// 2 s on a terminal, every 10 s otherwise. Never returns.
+async fn show_progress(client: Client, volume: String) {
+    use std::io::IsTerminal;
+    let every = if std::io::stderr().is_terminal() { 2 } else { 10 };
+    loop {
+        tokio::time::sleep(Duration::from_secs(every)).await;
+        let Ok(s) = client.call(Method::GET, "/v1/status", None).await else {
+            continue;
+        };
+        let v = s.get("volumes").and_then(Value::as_array).and_then(|vs| {
+            vs.iter().find(|v| v.get("volume").and_then(Value::as_str) == Some(volume.as_str()))
+        });
+        let Some(p) = v.and_then(|v| v.get("verify")) else {
+            continue;
+        };
+        let (done, total) = (
+            p.get("done_bytes").and_then(Value::as_u64).unwrap_or(0),
+            p.get("total_bytes").and_then(Value::as_u64).unwrap_or(0),
+        );
+        if total > 0 {
+            eprintln!(
+                "verifying {volume}: {:.0}% ({} of {})",
+                100.0 * done as f64 / total as f64,
+                approx_size(done),
+                approx_size(total)
+            );
+        }
+    }
 }
 
 pub fn run(args: VerifyArgs) -> Result<Outcome> {

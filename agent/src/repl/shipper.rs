@@ -124,12 +124,20 @@ pub struct ReplStatus {
     pub throughput_bps: f64,
     pub buffered_bytes: u64,
     pub resync: Option<ResyncStatus>,
+    /// The latest verify run's progress: bytes compared of the volume's.
+    pub verify: Option<VerifyStatus>,
     pub last_error: Option<String>,
     pub connects: u64,
     pub disconnects: u64,
     pub overflows: u64,
     pub epochs_sent: u64,
     pub commits: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct VerifyStatus {
+    pub done_bytes: u64,
+    pub total_bytes: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -233,6 +241,8 @@ struct Driver {
     /// Verify runs waiting for hashes.
     hash_subs: Vec<mpsc::UnboundedSender<TargetMsg>>,
     verifies: u64,
+    /// The progress of the latest verify run (kept after it ended: status shows 100%).
+    verify_progress: Option<Arc<super::verify::VerifyProgress>>,
     rate: (Instant, u64, f64),
     published: Instant,
     progress_logged: Instant,
@@ -297,6 +307,7 @@ pub fn spawn(
         ctl_tx,
         hash_subs: Vec::new(),
         verifies: 0,
+        verify_progress: None,
         rate: (now, 0, 0.0),
         published: now - Duration::from_secs(1),
         progress_logged: now,
@@ -588,8 +599,10 @@ impl Driver {
         let parts = self.parts.clone();
         let control = self.ctl_tx.clone();
         let n = self.verifies;
+        let progress = Arc::new(super::verify::VerifyProgress::default());
+        self.verify_progress = Some(progress.clone());
         tokio::spawn(async move {
-            let _ = reply.send(super::verify::run(parts, control, rx, n).await);
+            let _ = reply.send(super::verify::run(parts, control, rx, n, progress).await);
         });
     }
 
@@ -709,6 +722,10 @@ impl Driver {
         st.throughput_bps = self.rate.2;
         st.buffered_bytes = cap.held_bytes;
         st.resync = resync;
+        st.verify = self.verify_progress.as_ref().map(|p| VerifyStatus {
+            done_bytes: p.done.load(Relaxed),
+            total_bytes: p.total.load(Relaxed),
+        });
         st.last_error = s.last_error;
         st.connects = s.counters.connects;
         st.disconnects = s.counters.disconnects;
