@@ -169,6 +169,18 @@ fn agent_table(volumes: &[Value]) -> String {
             if let Some(r) = v.get("resync").filter(|r| r.is_object()) {
                 extra.push(resync_line(v, r));
             }
+            if let Some(p) = v.get("verify").filter(|p| p.is_object()) {
+                let (done, total) =
+                    (u64_of(p, "done_bytes").unwrap_or(0), u64_of(p, "total_bytes").unwrap_or(0));
+                if total > 0 && done < total {
+                    extra.push(format!(
+                        "verify {}% {} of {}",
+                        (done as u128 * 100 / total as u128),
+                        approx_size(done),
+                        approx_size(total)
+                    ));
+                }
+            }
             if let Some(e) = v.get("last_error").and_then(Value::as_str) {
                 extra.push(format!("last error: {e}"));
             }
@@ -301,6 +313,7 @@ mod tests {
             {"volume": "db", "mode": "async", "state": "replicating", "lag_bytes": 4096,
              "lag_epochs": 1, "rpo_seconds": 2.5, "last_committed_epoch": 17,
              "throughput_bps": 0.0, "compression_ratio": 0.0, "resync": null,
+             "verify": {"done_bytes": 1073741824u64, "total_bytes": 4294967296u64},
              "last_error": "target unreachable"},
         ]});
         assert_eq!(
@@ -309,6 +322,7 @@ mod tests {
              vm1     async  initial-sync  2.3 GiB         -     0          12 MiB/s    1.50x\n\
              \x20 initial-sync 42% 1.7 GiB of 4.0 GiB, 12 MiB/s\n\
              db      async  replicating   4.0 KiB (1 ep)  2.5s  17         0 B/s       -\n\
+             \x20 verify 25% 1.0 GiB of 4.0 GiB\n\
              \x20 last error: target unreachable\n"
         );
     }
