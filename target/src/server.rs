@@ -447,7 +447,12 @@ impl TargetServer {
         hello: &blockferry_protocol::repl::Hello,
         replies: mpsc::UnboundedSender<Reply>,
     ) -> Result<
-        (ReplicaInfo, Arc<Slot>, std::sync::mpsc::SyncSender<Vec<Cmd>>, std::thread::JoinHandle<()>),
+        (
+            ReplicaInfo,
+            Arc<Slot>,
+            std::sync::mpsc::SyncSender<Vec<Cmd>>,
+            std::thread::JoinHandle<()>,
+        ),
         Refusal,
     > {
         if !self.allowed(fp, &hello.name) {
@@ -564,7 +569,10 @@ enum Input {
 }
 
 /// Hands `cmds` (emptied) to the volume's store thread in one message (one wake-up).
-fn send_cmds(vol: &Option<(Arc<Slot>, std::sync::mpsc::SyncSender<Vec<Cmd>>)>, cmds: &mut Vec<Cmd>) {
+fn send_cmds(
+    vol: &Option<(Arc<Slot>, std::sync::mpsc::SyncSender<Vec<Cmd>>)>,
+    cmds: &mut Vec<Cmd>,
+) {
     if cmds.is_empty() {
         return;
     }
@@ -657,7 +665,7 @@ fn store_thread(
                 if failed == Some(id) {
                     Ok(())
                 } else {
-                    store.data(id, offset, length, data.as_deref()).map_err(|e| (Some(id), e))
+                    store.data(id, offset, length, data).map_err(|e| (Some(id), e))
                 }
             }
             Some(Cmd::End { id, end }) => {
