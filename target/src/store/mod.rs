@@ -452,24 +452,39 @@ impl ReplicaStore {
         length: u32,
         data: Option<Bytes>,
     ) -> Result<(), StoreError> {
+        self.data_run(id, vec![(offset, length, data)])
+    }
+
+    /// Data frames `(offset, length, data)` of batch `id` that arrived together, in order:
+    /// [`ReplicaStore::data`] of each, but their records are journaled with one vectored
+    /// write (per segment). A range or length error stores none of them; any other error
+    /// drops the batch.
+    pub fn data_run(
+        &mut self,
+        id: Epoch,
+        frames: Vec<(u64, u32, Option<Bytes>)>,
+    ) -> Result<(), StoreError> {
         self.check()?;
         let g = self.meta.geometry;
-        if !g.contains_aligned(offset, u64::from(length)) {
-            return Err(StoreError::OutOfRange {
-                offset,
-                length: u64::from(length),
-                size: g.size(),
-                block_size: g.block_size(),
-            });
-        }
-        if data.as_ref().is_some_and(|d| d.len() != length as usize) {
-            return Err(StoreError::Batch {
-                id,
-                what: format!(
-                    "frame at {offset} carries {} bytes, its length says {length}",
-                    data.as_ref().map_or(0, Bytes::len)
-                ),
-            });
+        for (offset, length, data) in &frames {
+            let (offset, length) = (*offset, *length);
+            if !g.contains_aligned(offset, u64::from(length)) {
+                return Err(StoreError::OutOfRange {
+                    offset,
+                    length: u64::from(length),
+                    size: g.size(),
+                    block_size: g.block_size(),
+                });
+            }
+            if let Some(d) = data.as_ref().filter(|d| d.len() != length as usize) {
+                return Err(StoreError::Batch {
+                    id,
+                    what: format!(
+                        "frame at {offset} carries {} bytes, its length says {length}",
+                        d.len()
+                    ),
+                });
+            }
         }
         let Some(b) = self.pending.get(&id) else {
             return Err(StoreError::Batch { id, what: "data for a batch that is not open".into() });
@@ -478,27 +493,73 @@ impl ReplicaStore {
             return Err(StoreError::Batch { id, what: "data after the end of the batch".into() });
         }
         let (direct, session) = (b.direct, b.session);
-        let res = if direct {
+        let n = frames.len() as u32;
+        let bytes: u64 = frames.iter().map(|f| u64::from(f.1)).sum();
+        if direct {
             self.image_dirty = true;
-            let r = match &data {
-                Some(d) => self.storage.write_at(IMAGE_FILE, offset, d),
-                None => self.storage.zero(IMAGE_FILE, offset, u64::from(length)),
-            };
-            r.map(|()| None).map_err(|e| self.fail("writing", IMAGE_FILE, e))
+            for (offset, length, data) in &frames {
+                let r = match data {
+                    Some(d) => self.storage.write_at(IMAGE_FILE, *offset, d),
+                    None => self.storage.zero(IMAGE_FILE, *offset, u64::from(*length)),
+                };
+                if let Err(e) = r {
+                    let e = self.fail("writing", IMAGE_FILE, e);
+                    self.abort_batch(id);
+                    return Err(e);
+                }
+            }
         } else {
-            // Header and payload in one vectored write: the payload is not copied.
-            let head = journal::data_head(session, id, offset, length, data.as_deref());
-            let crc = journal::record_crc(&head);
-            let r = match &data {
-                Some(d) => self.append_parts(&[&head, d], &[(session, id)]),
-                None => self.append(&head, &[(session, id)]),
-            };
-            r.map(|loc| Some((loc, crc)))
-        };
-        match res {
-            Ok(r) => {
+            // Headers and payloads in vectored writes: the payloads are not copied.
+            let heads: Vec<[u8; journal::DATA_HEAD]> = frames
+                .iter()
+                .map(|(offset, length, data)| {
+                    journal::data_head(session, id, *offset, *length, data.as_deref())
+                })
+                .collect();
+            let rec_len =
+                |k: usize| (journal::DATA_HEAD + frames[k].2.as_ref().map_or(0, Bytes::len)) as u64;
+            let mut locs: Vec<Loc> = Vec::with_capacity(frames.len());
+            let mut parts: Vec<&[u8]> = Vec::new();
+            let mut i = 0;
+            while i < frames.len() {
+                // Records i..j: as many as fit in the active segment (at least one).
+                let seg_len = self.segments.get(&self.seg).map_or(0, |s| s.len);
+                let (mut j, mut group) = (i, 0u64);
+                while j < frames.len() {
+                    let l = rec_len(j);
+                    if j > i && (seg_len + group + l > self.opts.segment_size || j - i >= 256) {
+                        break;
+                    }
+                    group += l;
+                    j += 1;
+                }
+                parts.clear();
+                for k in i..j {
+                    parts.push(&heads[k]);
+                    if let Some(d) = &frames[k].2 {
+                        parts.push(d);
+                    }
+                }
+                match self.append_parts(&parts, &[(session, id)]) {
+                    Ok(loc) => {
+                        let mut off = loc.off;
+                        for k in i..j {
+                            locs.push(Loc { seg: loc.seg, off, len: rec_len(k) });
+                            off += rec_len(k);
+                        }
+                    }
+                    Err(e) => {
+                        self.abort_batch(id);
+                        return Err(e);
+                    }
+                }
+                i = j;
+            }
+            drop(parts);
+            let mut recs = Vec::with_capacity(frames.len());
+            let mut chain = Vec::with_capacity(frames.len());
+            for (((offset, length, data), loc), head) in frames.into_iter().zip(locs).zip(&heads) {
                 let held = match data {
-                    _ if r.is_none() => Held::Zero,
                     None => Held::Zero,
                     Some(d) if self.held + d.len() as u64 <= MAX_HELD => {
                         self.held += d.len() as u64;
@@ -506,23 +567,23 @@ impl ReplicaStore {
                     }
                     Some(_) => Held::Journal,
                 };
-                let b = self
-                    .pending
-                    .get_mut(&id)
-                    .ok_or(StoreError::Batch { id, what: "vanished".into() })?;
-                if let Some((loc, crc)) = r {
-                    b.recs.push(Rec { loc, offset, length, data: held });
-                    b.chain = journal::chain(b.chain, crc);
-                }
-                b.frames += 1;
-                b.bytes += u64::from(length);
-                Ok(())
+                recs.push(Rec { loc, offset, length, data: held });
+                chain.push(journal::record_crc(head));
             }
-            Err(e) => {
-                self.abort_batch(id);
-                Err(e)
+            let b = self
+                .pending
+                .get_mut(&id)
+                .ok_or(StoreError::Batch { id, what: "vanished".into() })?;
+            b.recs.extend(recs);
+            for crc in chain {
+                b.chain = journal::chain(b.chain, crc);
             }
         }
+        let b =
+            self.pending.get_mut(&id).ok_or(StoreError::Batch { id, what: "vanished".into() })?;
+        b.frames += n;
+        b.bytes += bytes;
+        Ok(())
     }
 
     /// The end of batch `id` (checked by the caller against the frames received). A frame
