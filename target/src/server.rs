@@ -665,7 +665,24 @@ fn store_thread(
                 if failed == Some(id) {
                     Ok(())
                 } else {
-                    store.data(id, offset, length, data.as_deref()).map_err(|e| (Some(id), e))
+                    // The frames of the same batch queued behind it (also those sent
+                    // meanwhile) go with it: their records are journaled with one write.
+                    while queue.len() < 256 {
+                        match rx.try_recv() {
+                            Ok(cs) => queue.extend(cs),
+                            Err(_) => break,
+                        }
+                    }
+                    let mut frames = vec![(offset, length, data)];
+                    while let Some(Cmd::Data { id: next, .. }) = queue.front() {
+                        if *next != id {
+                            break;
+                        }
+                        if let Some(Cmd::Data { offset, length, data, .. }) = queue.pop_front() {
+                            frames.push((offset, length, data));
+                        }
+                    }
+                    store.data_run(id, frames).map_err(|e| (Some(id), e))
                 }
             }
             Some(Cmd::End { id, end }) => {

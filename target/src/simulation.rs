@@ -756,7 +756,7 @@ impl Sim {
                     }
                 }
                 target::Action::Data { id, offset, length, data } => {
-                    if let Err(e) = self.store.data(id, offset, length, data.as_deref()) {
+                    if let Err(e) = self.store.data(id, offset, length, data) {
                         self.tsession.as_mut().ok_or("t")?.store_failed(
                             id,
                             BatchKind::Epoch,

@@ -25,8 +25,10 @@
 //!
 //! A batch is complete in the journal when its begin, `frames` data records whose chain matches
 //! and its end are all there (records of several batches interleave). A data frame's integrity
-//! (invariant 5) is covered by the record crc from the moment it is journaled until it is
-//! applied: apply reads the record back and checks it again.
+//! (invariant 5): the receiver checks the frame's crc before the store journals it; the record
+//! crc then covers the journaled copy. Apply writes the bytes the store still holds in memory
+//! (checked on receipt, never read back); where it does not hold them (after recovery, or beyond
+//! its memory budget) it reads the record back and checks its crc again.
 
 use blockferry_protocol::repl::frame::MAX_FRAME_LIMIT;
 use blockferry_protocol::repl::{BatchKind, Epoch};
@@ -72,7 +74,38 @@ fn kind_code(k: BatchKind) -> u8 {
     }
 }
 
-/// Encodes a data record without copying the payload into a `Body` first.
+/// The length of a data record before its payload: the header and the body's fixed part.
+pub const DATA_HEAD: usize = HEADER + 24;
+
+/// The first [`DATA_HEAD`] bytes of a data record, to be written followed by `bytes` (nothing
+/// for a zero frame): the record crc is computed over the parts, without copying the payload.
+pub fn data_head(
+    session: u64,
+    id: Epoch,
+    offset: u64,
+    length: u32,
+    bytes: Option<&[u8]>,
+) -> [u8; DATA_HEAD] {
+    let body_len = 24 + bytes.map_or(0, <[u8]>::len) as u32;
+    let mut h = [0u8; DATA_HEAD];
+    h[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+    h[4] = T_DATA;
+    h[8..16].copy_from_slice(&session.to_le_bytes());
+    h[16..20].copy_from_slice(&body_len.to_le_bytes());
+    h[24..32].copy_from_slice(&id.0.to_le_bytes());
+    h[32..40].copy_from_slice(&offset.to_le_bytes());
+    h[40..44].copy_from_slice(&length.to_le_bytes());
+    h[44] = u8::from(bytes.is_none());
+    let mut crc = crc32c::crc32c_append(crc32c::crc32c(&h[..20]), &h[HEADER..]);
+    if let Some(d) = bytes {
+        crc = crc32c::crc32c_append(crc, d);
+    }
+    h[20..24].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
+/// Encodes a data record (in one buffer: the store writes [`data_head`] and the payload
+/// without joining them).
 pub fn encode_data(
     session: u64,
     id: Epoch,
@@ -80,15 +113,11 @@ pub fn encode_data(
     length: u32,
     bytes: Option<&[u8]>,
 ) -> Vec<u8> {
-    let mut b = Vec::with_capacity(24 + bytes.map_or(0, <[u8]>::len));
-    b.extend_from_slice(&id.0.to_le_bytes());
-    b.extend_from_slice(&offset.to_le_bytes());
-    b.extend_from_slice(&length.to_le_bytes());
-    b.extend_from_slice(&[u8::from(bytes.is_none()), 0, 0, 0]);
+    let mut r = data_head(session, id, offset, length, bytes).to_vec();
     if let Some(d) = bytes {
-        b.extend_from_slice(d);
+        r.extend_from_slice(d);
     }
-    frame(session, T_DATA, &b)
+    r
 }
 
 /// Encodes a record.
@@ -292,6 +321,11 @@ mod tests {
             *bad.last_mut().unwrap() ^= 1;
             assert!(decode(&bad).is_err());
         }
+        // The data head's crc covers the payload written after it.
+        let r = encode_data(5, Epoch(7), 4096, 4, Some(&[1, 2, 3, 4]));
+        let d = decode(&r).unwrap();
+        assert!(matches!(d.body, Body::Data { bytes, .. } if bytes == [1, 2, 3, 4]));
+        assert_eq!(r.len(), DATA_HEAD + 4);
         assert_eq!(parse_segment("00000000000000ff.log"), Some(255));
         assert_eq!(segment_name(255), "journal/00000000000000ff.log");
     }

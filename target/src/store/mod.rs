@@ -38,6 +38,8 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use bytes::Bytes;
+
 use blockferry_protocol::repl::{
     BatchHeader, BatchKind, End, Epoch, Generation, Geometry, ReplicaState, VolumeId,
 };
@@ -55,6 +57,15 @@ pub const IMAGE_FILE: &str = "image.raw";
 
 /// The most journal bytes one read of apply fetches (records that follow each other).
 const APPLY_READ_SPAN: u64 = 4 << 20;
+/// Apply writes the records of its batches in windows of about this many bytes: within a
+/// window, records are written in offset order, records wholly overwritten later in the window
+/// are skipped and adjacent ones are written together. Windows follow the chain order.
+const APPLY_WINDOW: u64 = 64 << 20;
+/// The most payload bytes of unapplied records the store keeps in memory (so apply need not
+/// read them back from the journal); records beyond it are read back.
+const MAX_HELD: u64 = 256 << 20;
+/// The most buffers one vectored image write of apply takes.
+const APPLY_IOV: usize = 256;
 
 /// Tunables.
 #[derive(Clone, Debug)]
@@ -83,6 +94,26 @@ struct Loc {
     len: u64,
 }
 
+/// Where apply finds a data record's bytes.
+#[derive(Clone, Debug)]
+enum Held {
+    /// A zero frame: no bytes.
+    Zero,
+    /// In memory (checked on receipt).
+    Mem(Bytes),
+    /// Only in the journal, at the record's [`Loc`].
+    Journal,
+}
+
+/// A data record of a batch.
+#[derive(Clone, Debug)]
+struct Rec {
+    loc: Loc,
+    offset: u64,
+    length: u32,
+    data: Held,
+}
+
 #[derive(Debug)]
 struct Batch {
     header: BatchHeader,
@@ -90,7 +121,7 @@ struct Batch {
     direct: bool,
     frames: u32,
     chain: u32,
-    recs: Vec<Loc>,
+    recs: Vec<Rec>,
     end: Option<End>,
     bytes: u64,
 }
@@ -99,6 +130,11 @@ impl Batch {
     fn key(&self) -> Key {
         (self.session, self.header.id)
     }
+
+    /// Payload bytes this batch holds in memory.
+    fn held(&self) -> u64 {
+        self.recs.iter().map(|r| if let Held::Mem(d) = &r.data { d.len() as u64 } else { 0 }).sum()
+    }
 }
 
 #[derive(Debug, Default)]
@@ -106,6 +142,20 @@ struct Segment {
     len: u64,
     /// The batches with records here (commit records count for the batches they name).
     keys: HashSet<Key>,
+}
+
+/// One record of an apply window: `length` bytes at `offset`, `data` (`None`: zeros).
+#[derive(Debug)]
+struct Put {
+    offset: u64,
+    length: u32,
+    data: Option<Bytes>,
+}
+
+impl Put {
+    fn end(&self) -> u64 {
+        self.offset + u64::from(self.length)
+    }
 }
 
 /// Counters and state for `status`.
@@ -140,6 +190,8 @@ pub struct ReplicaStore {
     pending: BTreeMap<Epoch, Batch>,
     /// Committed batches not yet applied, in chain order (they cover (applied, committed]).
     to_apply: Vec<Batch>,
+    /// Payload bytes held in memory by pending and unapplied batches (at most [`MAX_HELD`]).
+    held: u64,
     /// Direct writes to the image since its last sync.
     image_dirty: bool,
     poisoned: Option<String>,
@@ -254,6 +306,7 @@ impl ReplicaStore {
             segments: BTreeMap::new(),
             pending: BTreeMap::new(),
             to_apply: Vec::new(),
+            held: 0,
             image_dirty: false,
             poisoned: None,
             status: StoreStatus::default(),
@@ -326,6 +379,7 @@ impl ReplicaStore {
         // hashes of the image, or a power cut could undo what the hashes promised.
         self.sync_image()?;
         self.pending.clear();
+        self.held = self.to_apply.iter().map(Batch::held).sum();
         self.meta.session += 1;
         if let Err(e) = self.write_meta() {
             self.meta.session -= 1;
@@ -389,32 +443,48 @@ impl ReplicaStore {
 
     /// One data frame of batch `id`: `length` bytes at `offset`, `data` its uncompressed bytes
     /// (`None`: zeros). The caller has checked the frame's crc and sequence. On an error
-    /// other than a range error the batch is dropped.
+    /// other than a range error the batch is dropped. The store keeps `data` (not a copy)
+    /// until the batch is applied, within a memory budget.
     pub fn data(
         &mut self,
         id: Epoch,
         offset: u64,
         length: u32,
-        data: Option<&[u8]>,
+        data: Option<Bytes>,
+    ) -> Result<(), StoreError> {
+        self.data_run(id, vec![(offset, length, data)])
+    }
+
+    /// Data frames `(offset, length, data)` of batch `id` that arrived together, in order:
+    /// [`ReplicaStore::data`] of each, but their records are journaled with one vectored
+    /// write (per segment). A range or length error stores none of them; any other error
+    /// drops the batch.
+    pub fn data_run(
+        &mut self,
+        id: Epoch,
+        frames: Vec<(u64, u32, Option<Bytes>)>,
     ) -> Result<(), StoreError> {
         self.check()?;
         let g = self.meta.geometry;
-        if !g.contains_aligned(offset, u64::from(length)) {
-            return Err(StoreError::OutOfRange {
-                offset,
-                length: u64::from(length),
-                size: g.size(),
-                block_size: g.block_size(),
-            });
-        }
-        if data.is_some_and(|d| d.len() != length as usize) {
-            return Err(StoreError::Batch {
-                id,
-                what: format!(
-                    "frame at {offset} carries {} bytes, its length says {length}",
-                    data.map_or(0, <[u8]>::len)
-                ),
-            });
+        for (offset, length, data) in &frames {
+            let (offset, length) = (*offset, *length);
+            if !g.contains_aligned(offset, u64::from(length)) {
+                return Err(StoreError::OutOfRange {
+                    offset,
+                    length: u64::from(length),
+                    size: g.size(),
+                    block_size: g.block_size(),
+                });
+            }
+            if let Some(d) = data.as_ref().filter(|d| d.len() != length as usize) {
+                return Err(StoreError::Batch {
+                    id,
+                    what: format!(
+                        "frame at {offset} carries {} bytes, its length says {length}",
+                        d.len()
+                    ),
+                });
+            }
         }
         let Some(b) = self.pending.get(&id) else {
             return Err(StoreError::Batch { id, what: "data for a batch that is not open".into() });
@@ -423,37 +493,97 @@ impl ReplicaStore {
             return Err(StoreError::Batch { id, what: "data after the end of the batch".into() });
         }
         let (direct, session) = (b.direct, b.session);
-        let res = if direct {
+        let n = frames.len() as u32;
+        let bytes: u64 = frames.iter().map(|f| u64::from(f.1)).sum();
+        if direct {
             self.image_dirty = true;
-            let r = match data {
-                Some(d) => self.storage.write_at(IMAGE_FILE, offset, d),
-                None => self.storage.zero(IMAGE_FILE, offset, u64::from(length)),
-            };
-            r.map(|()| None).map_err(|e| self.fail("writing", IMAGE_FILE, e))
-        } else {
-            let rec = journal::encode_data(session, id, offset, length, data);
-            let crc = journal::record_crc(&rec);
-            self.append(&rec, &[(session, id)]).map(|loc| Some((loc, crc)))
-        };
-        match res {
-            Ok(r) => {
-                let b = self
-                    .pending
-                    .get_mut(&id)
-                    .ok_or(StoreError::Batch { id, what: "vanished".into() })?;
-                if let Some((loc, crc)) = r {
-                    b.recs.push(loc);
-                    b.chain = journal::chain(b.chain, crc);
+            for (offset, length, data) in &frames {
+                let r = match data {
+                    Some(d) => self.storage.write_at(IMAGE_FILE, *offset, d),
+                    None => self.storage.zero(IMAGE_FILE, *offset, u64::from(*length)),
+                };
+                if let Err(e) = r {
+                    let e = self.fail("writing", IMAGE_FILE, e);
+                    self.abort_batch(id);
+                    return Err(e);
                 }
-                b.frames += 1;
-                b.bytes += u64::from(length);
-                Ok(())
             }
-            Err(e) => {
-                self.abort_batch(id);
-                Err(e)
+        } else {
+            // Headers and payloads in vectored writes: the payloads are not copied.
+            let heads: Vec<[u8; journal::DATA_HEAD]> = frames
+                .iter()
+                .map(|(offset, length, data)| {
+                    journal::data_head(session, id, *offset, *length, data.as_deref())
+                })
+                .collect();
+            let rec_len =
+                |k: usize| (journal::DATA_HEAD + frames[k].2.as_ref().map_or(0, Bytes::len)) as u64;
+            let mut locs: Vec<Loc> = Vec::with_capacity(frames.len());
+            let mut parts: Vec<&[u8]> = Vec::new();
+            let mut i = 0;
+            while i < frames.len() {
+                // Records i..j: as many as fit in the active segment (at least one).
+                let seg_len = self.segments.get(&self.seg).map_or(0, |s| s.len);
+                let (mut j, mut group) = (i, 0u64);
+                while j < frames.len() {
+                    let l = rec_len(j);
+                    if j > i && (seg_len + group + l > self.opts.segment_size || j - i >= 256) {
+                        break;
+                    }
+                    group += l;
+                    j += 1;
+                }
+                parts.clear();
+                for k in i..j {
+                    parts.push(&heads[k]);
+                    if let Some(d) = &frames[k].2 {
+                        parts.push(d);
+                    }
+                }
+                match self.append_parts(&parts, &[(session, id)]) {
+                    Ok(loc) => {
+                        let mut off = loc.off;
+                        for k in i..j {
+                            locs.push(Loc { seg: loc.seg, off, len: rec_len(k) });
+                            off += rec_len(k);
+                        }
+                    }
+                    Err(e) => {
+                        self.abort_batch(id);
+                        return Err(e);
+                    }
+                }
+                i = j;
+            }
+            drop(parts);
+            let mut recs = Vec::with_capacity(frames.len());
+            let mut chain = Vec::with_capacity(frames.len());
+            for (((offset, length, data), loc), head) in frames.into_iter().zip(locs).zip(&heads) {
+                let held = match data {
+                    None => Held::Zero,
+                    Some(d) if self.held + d.len() as u64 <= MAX_HELD => {
+                        self.held += d.len() as u64;
+                        Held::Mem(d)
+                    }
+                    Some(_) => Held::Journal,
+                };
+                recs.push(Rec { loc, offset, length, data: held });
+                chain.push(journal::record_crc(head));
+            }
+            let b = self
+                .pending
+                .get_mut(&id)
+                .ok_or(StoreError::Batch { id, what: "vanished".into() })?;
+            b.recs.extend(recs);
+            for crc in chain {
+                b.chain = journal::chain(b.chain, crc);
             }
         }
+        let b =
+            self.pending.get_mut(&id).ok_or(StoreError::Batch { id, what: "vanished".into() })?;
+        b.frames += n;
+        b.bytes += bytes;
+        Ok(())
     }
 
     /// The end of batch `id` (checked by the caller against the frames received). A frame
@@ -495,7 +625,8 @@ impl ReplicaStore {
     /// Drops batch `id` (not committed); its records in the journal are dead. Unknown ids
     /// are ignored.
     pub fn abort_batch(&mut self, id: Epoch) {
-        if self.pending.remove(&id).is_some() {
+        if let Some(b) = self.pending.remove(&id) {
+            self.held = self.held.saturating_sub(b.held());
             tracing::debug!(volume = %self.meta.volume, batch = %id, "batch dropped");
         }
     }
@@ -581,75 +712,181 @@ impl ReplicaStore {
             self.status.applies += 1;
         }
         self.to_apply.clear();
+        self.held = self.pending.values().map(Batch::held).sum();
         self.reclaim();
         Ok(())
     }
 
     /// Step 1 of apply: the data records of `batches` into the image. True if it wrote.
-    /// Records that follow each other in a segment are read together (up to
-    /// [`APPLY_READ_SPAN`] bytes per read).
+    /// Records are taken in windows of up to [`APPLY_WINDOW`] bytes (see there); bytes not
+    /// held in memory are read back from the journal and checked.
     fn write_batches(&mut self, batches: &[Batch]) -> Result<bool, StoreError> {
-        let mut buf = Vec::new();
+        let mut window: Vec<Put> = Vec::new();
+        // Records of the window to read from the journal: (index in window, batch, record).
+        let mut reads: Vec<(usize, &Batch, Loc)> = Vec::new();
+        let mut bytes = 0u64;
         let mut wrote = false;
         for b in batches {
-            let mut i = 0;
-            while i < b.recs.len() {
-                // The span of records i..j, contiguous in one segment.
-                let first = b.recs[i];
-                let mut j = i + 1;
-                let mut end = first.off + first.len;
-                while let Some(next) = b.recs.get(j) {
-                    if next.seg != first.seg
-                        || next.off != end
-                        || end + next.len - first.off > APPLY_READ_SPAN
-                    {
-                        break;
+            for r in &b.recs {
+                let data = match &r.data {
+                    Held::Zero => None,
+                    Held::Mem(d) => Some(d.clone()),
+                    Held::Journal => {
+                        reads.push((window.len(), b, r.loc));
+                        Some(Bytes::new())
                     }
-                    end += next.len;
-                    j += 1;
+                };
+                window.push(Put { offset: r.offset, length: r.length, data });
+                bytes += u64::from(r.length);
+                if bytes >= APPLY_WINDOW {
+                    self.read_back(&mut window, &reads)?;
+                    self.write_window(&window)?;
+                    (wrote, bytes) = (true, 0);
+                    window.clear();
+                    reads.clear();
                 }
-                let file = journal::segment_name(first.seg);
-                buf.resize((end - first.off) as usize, 0);
-                let n = self
-                    .storage
-                    .read_at(&file, first.off, &mut buf)
-                    .map_err(|e| describe_io(&*self.storage, &file, "reading", e))?;
-                for loc in &b.recs[i..j] {
-                    let at = (loc.off - first.off) as usize;
-                    let rec = buf
-                        .get(at..at + loc.len as usize)
-                        .filter(|_| at + loc.len as usize <= n)
-                        .ok_or("record cut short".to_string())
-                        .and_then(journal::decode);
-                    let (offset, length, bytes) = match rec {
-                        Ok(journal::Decoded {
-                            body: Body::Data { id, offset, length, zero, bytes },
-                            ..
-                        }) if id == b.header.id => (offset, length, (!zero).then_some(bytes)),
-                        Ok(_) => {
-                            return Err(self.corrupt(
-                                &file,
-                                format!(
-                                    "record at {} is not a data record of batch {}",
-                                    loc.off, b.header.id
-                                ),
-                            ))
-                        }
-                        Err(e) => {
-                            return Err(self.corrupt(&file, format!("record at {}: {e}", loc.off)))
-                        }
-                    };
-                    let r = match &bytes {
-                        Some(d) => self.storage.write_at(IMAGE_FILE, offset, d),
-                        None => self.storage.zero(IMAGE_FILE, offset, u64::from(length)),
-                    };
-                    r.map_err(|e| self.fail("applying to", IMAGE_FILE, e))?;
-                    wrote = true;
-                }
-                i = j;
             }
         }
+        if !window.is_empty() {
+            self.read_back(&mut window, &reads)?;
+            self.write_window(&window)?;
+            wrote = true;
+        }
         Ok(wrote)
+    }
+
+    /// Fills the bytes of `reads` (records of `window` not held in memory) from the journal,
+    /// checking each record. Records that follow each other in a segment are read together
+    /// (up to [`APPLY_READ_SPAN`] bytes per read).
+    fn read_back(
+        &mut self,
+        window: &mut [Put],
+        reads: &[(usize, &Batch, Loc)],
+    ) -> Result<(), StoreError> {
+        let mut buf = Vec::new();
+        let mut i = 0;
+        while i < reads.len() {
+            // The span of records i..j, contiguous in one segment.
+            let first = reads[i].2;
+            let mut j = i + 1;
+            let mut end = first.off + first.len;
+            while let Some(&(_, _, next)) = reads.get(j) {
+                if next.seg != first.seg
+                    || next.off != end
+                    || end + next.len - first.off > APPLY_READ_SPAN
+                {
+                    break;
+                }
+                end += next.len;
+                j += 1;
+            }
+            let file = journal::segment_name(first.seg);
+            buf.resize((end - first.off) as usize, 0);
+            let n = self
+                .storage
+                .read_at(&file, first.off, &mut buf)
+                .map_err(|e| describe_io(&*self.storage, &file, "reading", e))?;
+            for &(at_window, b, loc) in &reads[i..j] {
+                let at = (loc.off - first.off) as usize;
+                let rec = buf
+                    .get(at..at + loc.len as usize)
+                    .filter(|_| at + loc.len as usize <= n)
+                    .ok_or("record cut short".to_string())
+                    .and_then(journal::decode);
+                let put = &mut window[at_window];
+                match rec {
+                    Ok(journal::Decoded {
+                        body: Body::Data { id, offset, length, zero: false, bytes },
+                        ..
+                    }) if id == b.header.id && offset == put.offset && length == put.length => {
+                        put.data = Some(Bytes::from(bytes));
+                    }
+                    Ok(_) => {
+                        return Err(self.corrupt(
+                            &file,
+                            format!(
+                                "record at {} is not the data record of batch {} it should be",
+                                loc.off, b.header.id
+                            ),
+                        ))
+                    }
+                    Err(e) => {
+                        return Err(self.corrupt(&file, format!("record at {}: {e}", loc.off)))
+                    }
+                }
+            }
+            i = j;
+        }
+        Ok(())
+    }
+
+    /// Writes one window of records (in chain order) into the image: in offset order,
+    /// skipping records that a later record of the window covers entirely, adjacent runs of
+    /// data in one vectored write and adjacent zero ranges in one punch. Records that overlap
+    /// partially keep their chain order among themselves, so the result is the chain order's.
+    fn write_window(&mut self, w: &[Put]) -> Result<(), StoreError> {
+        // Chain positions sorted by offset (ties in chain order).
+        let mut idx: Vec<usize> = (0..w.len()).collect();
+        idx.sort_by_key(|&i| (w[i].offset, i));
+        let mut order: Vec<usize> = Vec::with_capacity(w.len());
+        let mut k = 0;
+        while k < idx.len() {
+            // A cluster: records that overlap, directly or through others.
+            let mut end = w[idx[k]].end();
+            let mut j = k + 1;
+            while j < idx.len() && w[idx[j]].offset < end {
+                end = end.max(w[idx[j]].end());
+                j += 1;
+            }
+            let cluster = &mut idx[k..j];
+            if cluster.len() == 1 {
+                order.push(cluster[0]);
+            } else {
+                cluster.sort_unstable();
+                // Quadratic: the cover test only for small clusters (an overwrite or a few);
+                // a larger one is written whole, in chain order.
+                let small = cluster.len() <= 64;
+                for (p, &i) in cluster.iter().enumerate() {
+                    let covered = small
+                        && cluster[p + 1..]
+                            .iter()
+                            .any(|&l| w[l].offset <= w[i].offset && w[l].end() >= w[i].end());
+                    if !covered {
+                        order.push(i);
+                    }
+                }
+            }
+            k = j;
+        }
+        let mut parts: Vec<&[u8]> = Vec::new();
+        let mut i = 0;
+        while i < order.len() {
+            let first = &w[order[i]];
+            let mut end = first.end();
+            let mut j = i + 1;
+            while let Some(next) = order.get(j).map(|&n| &w[n]) {
+                let same_kind = next.data.is_some() == first.data.is_some();
+                if next.offset != end || !same_kind || j - i >= APPLY_IOV {
+                    break;
+                }
+                end = next.end();
+                j += 1;
+            }
+            let r = if first.data.is_some() {
+                parts.clear();
+                parts.extend(order[i..j].iter().filter_map(|&n| w[n].data.as_deref()));
+                if let [one] = parts[..] {
+                    self.storage.write_at(IMAGE_FILE, first.offset, one)
+                } else {
+                    self.storage.write_vectored_at(IMAGE_FILE, first.offset, &parts)
+                }
+            } else {
+                self.storage.zero(IMAGE_FILE, first.offset, end - first.offset)
+            };
+            r.map_err(|e| self.fail("applying to", IMAGE_FILE, e))?;
+            i = j;
+        }
+        Ok(())
     }
 
     /// blake3 hashes of `count` chunks of `granularity` bytes of the image from `offset`

@@ -8,7 +8,9 @@ use blockferry_protocol::repl::{BatchHeader, End, Epoch, ReplicaState};
 use super::journal::{self, Body, Header};
 use super::meta::{Meta, META_FILE};
 use super::storage::{is_no_space, Storage, JOURNAL_DIR};
-use super::{describe_io, Batch, Key, Loc, ReplicaStore, Segment, StoreError, IMAGE_FILE};
+use super::{
+    describe_io, Batch, Held, Key, Loc, Rec, ReplicaStore, Segment, StoreError, IMAGE_FILE,
+};
 
 /// Reads and checks `meta`; `None` if the replica does not exist yet.
 pub(super) fn read_meta(st: &dyn Storage) -> Result<Option<Meta>, StoreError> {
@@ -30,7 +32,7 @@ struct Found {
     direct: bool,
     frames: u32,
     chain: u32,
-    recs: Vec<Loc>,
+    recs: Vec<Rec>,
     end: Option<End>,
     /// The end record disagrees with the records found.
     broken: bool,
@@ -110,13 +112,27 @@ impl ReplicaStore {
     /// Appends a record to the active segment (no sync). On ENOSPC the segment is cut back
     /// to the end of its last good record and `NoSpace` returned.
     pub(super) fn append(&mut self, rec: &[u8], keys: &[Key]) -> Result<Loc, StoreError> {
+        self.append_parts(&[rec], keys)
+    }
+
+    /// [`ReplicaStore::append`] of a record given in parts (written with one vectored write).
+    pub(super) fn append_parts(
+        &mut self,
+        parts: &[&[u8]],
+        keys: &[Key],
+    ) -> Result<Loc, StoreError> {
+        let rec_len: u64 = parts.iter().map(|p| p.len() as u64).sum();
         let len = self.segments.get(&self.seg).map_or(0, |s| s.len);
-        if len > 0 && len + rec.len() as u64 > self.opts.segment_size {
+        if len > 0 && len + rec_len > self.opts.segment_size {
             self.roll()?;
         }
         let name = journal::segment_name(self.seg);
         let off = self.segments.get(&self.seg).map_or(0, |s| s.len);
-        if let Err(e) = self.storage.write_at(&name, off, rec) {
+        let r = match parts {
+            [rec] => self.storage.write_at(&name, off, rec),
+            _ => self.storage.write_vectored_at(&name, off, parts),
+        };
+        if let Err(e) = r {
             let err = self.fail("appending to", &name, e);
             if err.is_no_space() {
                 // Whatever part of the record reached the file is cut off, so the next record
@@ -128,9 +144,9 @@ impl ReplicaStore {
             return Err(err);
         }
         let seg = self.segments.entry(self.seg).or_default();
-        seg.len = off + rec.len() as u64;
+        seg.len = off + rec_len;
         seg.keys.extend(keys.iter().copied());
-        Ok(Loc { seg: self.seg, off, len: rec.len() as u64 })
+        Ok(Loc { seg: self.seg, off, len: rec_len })
     }
 
     /// Starts a new segment. 1. the active one is synced (so a commit's single sync of the
@@ -270,7 +286,7 @@ impl ReplicaStore {
                         found.insert((s, id), f);
                         seg.keys.insert((s, id));
                     }
-                    Body::Data { id, length, .. } => {
+                    Body::Data { id, offset, length, zero, .. } => {
                         // A data record without its begin belongs to a batch whose older
                         // segments were reclaimed (applied or dead): ignored.
                         if let Some(f) =
@@ -278,7 +294,9 @@ impl ReplicaStore {
                         {
                             f.frames += 1;
                             f.chain = journal::chain(f.chain, d.crc);
-                            f.recs.push(loc);
+                            // Apply reads the bytes back from the journal (not kept in memory).
+                            let data = if zero { Held::Zero } else { Held::Journal };
+                            f.recs.push(Rec { loc, offset, length, data });
                             f.bytes += u64::from(length);
                         }
                         seg.keys.insert((s, id));

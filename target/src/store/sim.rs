@@ -238,6 +238,11 @@ impl Storage for SimStorage {
         self.change(file, Op::Write(off, data.to_vec()))
     }
 
+    fn write_vectored_at(&self, file: &str, off: u64, parts: &[&[u8]]) -> io::Result<()> {
+        // One change, like one pwritev: a power cut keeps, drops or tears it as a whole.
+        self.change(file, Op::Write(off, parts.concat()))
+    }
+
     fn zero(&self, file: &str, off: u64, len: u64) -> io::Result<()> {
         self.change(file, Op::Zero(off, len))
     }

@@ -25,6 +25,11 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn read_at(&self, file: &str, off: u64, buf: &mut [u8]) -> io::Result<usize>;
     /// Writes `data` at `off` (not durable until [`Storage::sync`]). The file must exist.
     fn write_at(&self, file: &str, off: u64, data: &[u8]) -> io::Result<()>;
+    /// Writes `parts` one after the other from `off`, as one write (not durable until
+    /// [`Storage::sync`]). The file must exist. The default copies them into one buffer.
+    fn write_vectored_at(&self, file: &str, off: u64, parts: &[&[u8]]) -> io::Result<()> {
+        self.write_at(file, off, &parts.concat())
+    }
     /// Makes `[off, off + len)` read as zeros (a punched hole where the file system can),
     /// keeping the size. Not durable until [`Storage::sync`].
     fn zero(&self, file: &str, off: u64, len: u64) -> io::Result<()>;
@@ -137,6 +142,38 @@ impl Storage for DirStorage {
     fn write_at(&self, file: &str, off: u64, data: &[u8]) -> io::Result<()> {
         point(file, "write")?;
         self.file(file)?.write_all_at(data, off)
+    }
+
+    fn write_vectored_at(&self, file: &str, mut off: u64, parts: &[&[u8]]) -> io::Result<()> {
+        point(file, "write")?;
+        let f = self.file(file)?;
+        // pwritev takes at most IOV_MAX (1024 on Linux) buffers per call.
+        const IOV_MAX: usize = 1024;
+        let mut parts: Vec<&[u8]> = parts.iter().copied().filter(|p| !p.is_empty()).collect();
+        let mut i = 0;
+        while i < parts.len() {
+            let iov: Vec<io::IoSlice<'_>> = parts[i..(i + IOV_MAX).min(parts.len())]
+                .iter()
+                .map(|p| io::IoSlice::new(p))
+                .collect();
+            let mut n = match rustix::io::pwritev(&*f, &iov, off) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => n,
+                Err(e) if e == rustix::io::Errno::INTR => continue,
+                Err(e) => return Err(e.into()),
+            };
+            drop(iov);
+            off += n as u64;
+            // Skip what was written; a short write resumes inside a part.
+            while i < parts.len() && n >= parts[i].len() {
+                n -= parts[i].len();
+                i += 1;
+            }
+            if n > 0 {
+                parts[i] = &parts[i][n..];
+            }
+        }
+        Ok(())
     }
 
     fn zero(&self, file: &str, off: u64, len: u64) -> io::Result<()> {

@@ -176,7 +176,7 @@ impl Driver {
                 }
                 return Ok(());
             }
-            s.data(id, w.0, w.1, w.2.as_deref())?;
+            s.data(id, w.0, w.1, w.2.clone().map(Bytes::from))?;
             if direct {
                 put(&mut self.img, w);
             }
@@ -385,7 +385,7 @@ fn write_block(
 ) -> Result<(), StoreError> {
     s.begin_batch(BatchHeader { kind: BatchKind::Epoch, id: Epoch(id), base: Epoch(base) })?;
     for i in 0..blocks {
-        s.data(Epoch(id), (block + i) * BS, BS as u32, Some(&vec![byte; BS as usize]))?;
+        s.data(Epoch(id), (block + i) * BS, BS as u32, Some(Bytes::from(vec![byte; BS as usize])))?;
     }
     s.end_batch(Epoch(id), End { through: Epoch(id), frames: blocks as u32, batch_crc: 0 })
 }
@@ -479,7 +479,7 @@ fn initial_sync_then_crash_is_seeded() {
     s.begin_batch(BatchHeader { kind: BatchKind::Initial, id: Epoch(1), base: Epoch::ZERO })
         .expect("begin");
     assert_eq!(ReplicaStore::inspect(dir.path()).expect("inspect").state, ReplicaState::Seeded);
-    s.data(Epoch(1), 0, BS as u32, Some(&[9u8; BS as usize])).expect("data");
+    s.data(Epoch(1), 0, BS as u32, Some(Bytes::from(vec![9u8; BS as usize]))).expect("data");
     s.data(Epoch(1), BS, BS as u32, None).expect("zero");
     s.end_batch(Epoch(1), End { through: Epoch(3), frames: 2, batch_crc: 0 }).expect("end");
     assert_eq!(s.status().staged_bytes, 0, "initial data is not journaled");
@@ -495,7 +495,7 @@ fn initial_sync_then_crash_is_seeded() {
     s.reset_session().expect("reset");
     s.begin_batch(BatchHeader { kind: BatchKind::Initial, id: Epoch(1), base: Epoch::ZERO })
         .expect("begin");
-    s.data(Epoch(1), 2 * BS, BS as u32, Some(&[5u8; BS as usize])).expect("data");
+    s.data(Epoch(1), 2 * BS, BS as u32, Some(Bytes::from(vec![5u8; BS as usize]))).expect("data");
     s.end_batch(Epoch(1), End { through: Epoch(1), frames: 1, batch_crc: 0 }).expect("end");
     assert_eq!(s.commit().expect("commit"), Some(Epoch(1)));
     s.apply().expect("apply");
