@@ -17,6 +17,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 mod fingerprint;
 mod identity;
@@ -26,7 +27,7 @@ pub use fingerprint::{Fingerprint, ParseFingerprintError};
 pub use identity::{Identity, CERT_FILE, KEY_FILE};
 pub use tls::{
     client_config, client_config_with, peer_fingerprint, server_config, server_config_with,
-    AllowList, TransportTuning,
+    AllowList, TransportTuning, DEFAULT_MAX_UDP_PAYLOAD,
 };
 
 /// The quinn these configurations are built for, so users name the same version.
@@ -71,13 +72,44 @@ pub enum LinkError {
 /// A QUIC endpoint for the agent side, bound to `bind` (use `0.0.0.0:0` or `[::]:0` for any).
 /// Connect with `endpoint.connect_with(client_config(..)?, target_addr, SERVER_NAME)`.
 pub fn client_endpoint(bind: SocketAddr) -> io::Result<quinn::Endpoint> {
-    quinn::Endpoint::client(bind)
+    let socket = udp_socket(bind)?;
+    let runtime = Arc::new(quinn::TokioRuntime);
+    quinn::Endpoint::new(endpoint_config(), None, socket, runtime)
 }
 
 /// A QUIC endpoint for the target side listening on `addr` (port 0: any free port, see
 /// `endpoint.local_addr()`).
 pub fn server_endpoint(cfg: quinn::ServerConfig, addr: SocketAddr) -> io::Result<quinn::Endpoint> {
-    quinn::Endpoint::server(cfg, addr)
+    let socket = udp_socket(addr)?;
+    let runtime = Arc::new(quinn::TokioRuntime);
+    quinn::Endpoint::new(endpoint_config(), Some(cfg), socket, runtime)
+}
+
+/// Socket buffer asked for on both ends (the kernel caps it at `net.core.rmem_max` /
+/// `wmem_max`). Linux's default, 208 KiB, holds under 2 ms of a Gbit/s stream: a receiver
+/// that is not scheduled for that long (a busy host) drops datagrams, and QUIC takes every drop
+/// as congestion and as a hint of a path MTU black hole.
+pub const SOCKET_BUFFER: usize = 8 << 20;
+
+/// A UDP socket bound to `addr` with [`SOCKET_BUFFER`]-sized buffers (best effort).
+fn udp_socket(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
+    let socket = std::net::UdpSocket::bind(addr)?;
+    let _ = rustix::net::sockopt::set_socket_recv_buffer_size(&socket, SOCKET_BUFFER);
+    let _ = rustix::net::sockopt::set_socket_send_buffer_size(&socket, SOCKET_BUFFER);
+    Ok(socket)
+}
+
+/// The largest UDP payload an endpoint accepts (advertised to the peer; what is sent is bounded
+/// by [`TransportTuning::max_udp_payload`]): the most IPv6 allows.
+pub const MAX_UDP_PAYLOAD: u16 = 65527;
+
+/// Endpoint settings: receive datagrams up to [`MAX_UDP_PAYLOAD`] (quinn's default, 1472,
+/// would cap every path at Ethernet's MTU whatever discovery finds).
+fn endpoint_config() -> quinn::EndpointConfig {
+    let mut cfg = quinn::EndpointConfig::default();
+    // Cannot fail: 65527 is within QUIC's range (1200..=65527).
+    let _ = cfg.max_udp_payload_size(MAX_UDP_PAYLOAD);
+    cfg
 }
 
 #[cfg(test)]

@@ -222,3 +222,26 @@ fn identity_save_and_load() {
     let err = Identity::load(&dir).unwrap_err().to_string();
     assert!(err.contains("no cert.pem"), "{err}");
 }
+
+/// Path MTU discovery runs up to [`DEFAULT_MAX_UDP_PAYLOAD`]: on loopback (MTU 65536) the link
+/// ends up with packets that carry a 4 KiB write whole, not in four.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loopback_discovers_a_large_mtu() {
+    let target = Identity::generate("target").unwrap();
+    let agent = Identity::generate("agent").unwrap();
+    let (addr, _server, _accepted) =
+        spawn_target(&target, [agent.fingerprint()].into_iter().collect());
+    let client = client_endpoint(localhost()).unwrap();
+    let cfg = client_config(&agent, target.fingerprint()).unwrap();
+    let conn = client.connect_with(cfg, addr, SERVER_NAME).unwrap().await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let want = DEFAULT_MAX_UDP_PAYLOAD - 20; // discovery stops within 20 bytes of the bound
+    while conn.stats().path.current_mtu < want && std::time::Instant::now() < deadline {
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(&[7u8; 100_000]).await.unwrap();
+        send.finish().unwrap();
+        recv.read_to_end(1 << 20).await.unwrap();
+    }
+    let mtu = conn.stats().path.current_mtu;
+    assert!(mtu >= want && mtu <= DEFAULT_MAX_UDP_PAYLOAD, "path MTU is {mtu}");
+}

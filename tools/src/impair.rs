@@ -39,6 +39,8 @@ use tokio::time::Instant;
 const MAX_CLIENTS: usize = 4096;
 /// Packets waiting between a socket reader and its direction's pipe.
 const CHANNEL_DEPTH: usize = 16 * 1024;
+/// Default link MTU: Ethernet's.
+pub const DEFAULT_MTU: usize = 1500;
 /// Default bottleneck queue: 1 MiB, about 2x the bandwidth-delay product of 100 Mbit/s x 40 ms.
 pub const DEFAULT_QUEUE_BYTES: u64 = 1 << 20;
 
@@ -74,6 +76,11 @@ pub struct ImpairArgs {
     /// Bytes the bottleneck queues before it drops at the tail.
     #[arg(long, default_value_t = DEFAULT_QUEUE_BYTES)]
     queue: u64,
+    /// IP MTU of the emulated link: a datagram that would make a larger IP packet is dropped,
+    /// as a router does with a don't-fragment packet (QUIC sets DF and finds the path MTU by
+    /// probing). Default 1500, Ethernet's, like a real WAN.
+    #[arg(long, default_value_t = DEFAULT_MTU)]
+    mtu: usize,
     /// Unix socket for runtime control (blackhole, loss, delay, rate, stats).
     #[arg(long, value_name = "SOCKPATH")]
     control: Option<PathBuf>,
@@ -96,6 +103,8 @@ pub struct ImpairConfig {
     /// Bottleneck rate in bits per second, each direction.
     pub rate: Option<u64>,
     pub queue_bytes: u64,
+    /// IP MTU of the link (see [`ImpairArgs`]).
+    pub mtu: usize,
     pub control: Option<PathBuf>,
 }
 
@@ -116,6 +125,7 @@ impl ImpairConfig {
             reorder: 0.0,
             rate: None,
             queue_bytes: DEFAULT_QUEUE_BYTES,
+            mtu: DEFAULT_MTU,
             control: None,
         }
     }
@@ -135,6 +145,7 @@ impl From<ImpairArgs> for ImpairConfig {
             reorder: a.reorder,
             rate: a.rate.0,
             queue_bytes: a.queue,
+            mtu: a.mtu,
             control: a.control,
         }
     }
@@ -214,6 +225,7 @@ pub struct DirStats {
     pub dropped_loss: AtomicU64,
     pub dropped_queue: AtomicU64,
     pub dropped_send: AtomicU64,
+    pub dropped_mtu: AtomicU64,
     pub duplicated: AtomicU64,
     pub reordered: AtomicU64,
 }
@@ -224,6 +236,8 @@ enum DropReason {
     Loss,
     Queue,
     Send,
+    /// Larger than the link's MTU.
+    Mtu,
     /// Datagrams from more than MAX_CLIENTS clients, or that found their pipe gone.
     Other,
 }
@@ -237,6 +251,7 @@ impl DirStats {
             DropReason::Loss => &self.dropped_loss,
             DropReason::Queue => &self.dropped_queue,
             DropReason::Send => &self.dropped_send,
+            DropReason::Mtu => &self.dropped_mtu,
             DropReason::Other => return,
         };
         counter.fetch_add(1, Relaxed);
@@ -254,6 +269,7 @@ impl DirStats {
                 "loss": g(&self.dropped_loss),
                 "queue": g(&self.dropped_queue),
                 "send": g(&self.dropped_send),
+                "mtu": g(&self.dropped_mtu),
             },
             "duplicated": g(&self.duplicated),
             "reordered": g(&self.reordered),
@@ -362,6 +378,8 @@ struct Pipe {
     dup: f64,
     reorder: f64,
     queue_bytes: u64,
+    /// Largest UDP payload the link carries (its MTU less the IP and UDP headers).
+    max_payload: usize,
     heap: BinaryHeap<Reverse<Scheduled>>,
     seq: u64,
     /// Release time of the last packet not picked for reordering (jitter keeps order).
@@ -385,6 +403,7 @@ impl Pipe {
             stats: relay.stats.clone(),
             jitter: cfg.jitter,
             dup: cfg.dup,
+            max_payload: cfg.mtu.saturating_sub(if cfg.upstream.is_ipv6() { 48 } else { 28 }),
             reorder: cfg.reorder,
             queue_bytes: cfg.queue_bytes,
             heap: BinaryHeap::new(),
@@ -407,6 +426,9 @@ impl Pipe {
         let len = packet.data.len();
         if self.controls.blackhole.load(Relaxed) {
             return self.stats().dropped(DropReason::Blackhole, len);
+        }
+        if len > self.max_payload {
+            return self.stats().dropped(DropReason::Mtu, len);
         }
         if r_loss < self.controls.loss(self.dir) {
             return self.stats().dropped(DropReason::Loss, len);
@@ -902,6 +924,23 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn datagrams_over_the_link_mtu_are_dropped() {
+        let (up, cfg) = upstream().await;
+        assert_eq!(cfg.mtu, 1500);
+        let relay = start(cfg).await;
+        let c = client(relay.addr).await;
+        let got = spawn_collect(up);
+        // 1472 bytes of UDP payload make a 1500-byte IPv4 packet; 1473 do not fit.
+        for (seq, len) in [(0, 1472), (1, 1473), (2, 9000), (3, 100)] {
+            c.send(&datagram(seq, len)).await.unwrap();
+        }
+        let got = got.await.unwrap();
+        assert_eq!(got, vec![0, 3]);
+        assert_eq!(relay.stats.up.dropped_mtu.load(Relaxed), 2);
+        relay.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn loss_rate_is_within_tolerance() {
         let (up, mut cfg) = upstream().await;
         cfg.seed = 7;
@@ -1128,6 +1167,9 @@ mod tests {
             relay.stats.up.dropped_loss.load(Relaxed) + relay.stats.down.dropped_loss.load(Relaxed);
         eprintln!("1 MiB over QUIC through the relay in {took:?}; relay dropped {lost} datagrams");
         assert!(lost > 0);
+        // Path MTU discovery probed past the link's 1500 bytes and settled within it.
+        let mtu = conn.stats().path.current_mtu;
+        assert!(mtu <= 1472, "path MTU {mtu} above the link's");
         relay.stop().await;
     }
 
