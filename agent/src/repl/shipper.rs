@@ -473,6 +473,9 @@ impl Driver {
                     c.close(2u32.into(), b"refused");
                 }
             }
+            // Sync batches are not sent yet (mode = "sync" is refused until the driver sends
+            // them), so no `Durable` comes; SyncAcks::durable answers them once it does.
+            Action::Durable { .. } => {}
         }
     }
 
