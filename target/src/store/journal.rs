@@ -13,7 +13,7 @@
 //!  20  u32 crc32c of bytes 0..20 and the body
 //!  24  [N] body
 //!
-//! begin   0 u8 batch kind (1 epoch, 2 resync, 3 initial) | 1 u8 direct (1: data went straight
+//! begin   0 u8 batch kind (1 epoch, 2 resync, 3 initial, 4 sync) | 1 u8 direct (1: data went straight
 //!         into the image, not into the journal) | 2 [6] 0 | 8 u64 id | 16 u64 base
 //! data    0 u64 batch id | 8 u64 offset | 16 u32 length | 20 u8 zero | 21 [3] 0 |
 //!         24 [length] raw uncompressed bytes (none for a zero frame)
@@ -24,11 +24,14 @@
 //! ```
 //!
 //! A batch is complete in the journal when its begin, `frames` data records whose chain matches
-//! and its end are all there (records of several batches interleave). A data frame's integrity
-//! (invariant 5): the receiver checks the frame's crc before the store journals it; the record
-//! crc then covers the journaled copy. Apply writes the bytes the store still holds in memory
-//! (checked on receipt, never read back); where it does not hold them (after recovery, or beyond
-//! its memory budget) it reads the record back and checks its crc again.
+//! and its end are all there (records of several batches interleave). A sync batch without its
+//! end is sealed: an end record after its last complete data record is journaled by the store
+//! (`ReplicaStore::seal`, also in recovery), with the frames and chain of the records found. A
+//! data frame's integrity (invariant 5): the receiver checks the frame's crc before the store
+//! journals it; the record crc then covers the journaled copy. Apply writes the bytes the store
+//! still holds in memory (checked on receipt, never read back); where it does not hold them
+//! (after recovery, or beyond its memory budget) it reads the record back and checks its crc
+//! again.
 
 use blockferry_protocol::repl::frame::MAX_FRAME_LIMIT;
 use blockferry_protocol::repl::{BatchKind, Epoch};
@@ -71,6 +74,7 @@ fn kind_code(k: BatchKind) -> u8 {
         BatchKind::Epoch => 1,
         BatchKind::Resync => 2,
         BatchKind::Initial => 3,
+        BatchKind::Sync => 4,
     }
 }
 
@@ -247,6 +251,7 @@ pub fn decode(r: &[u8]) -> Result<Decoded, String> {
                 Some(1) => BatchKind::Epoch,
                 Some(2) => BatchKind::Resync,
                 Some(3) => BatchKind::Initial,
+                Some(4) => BatchKind::Sync,
                 _ => return Err("begin record with an unknown batch kind".into()),
             };
             let direct = b.get(1).copied().ok_or_else(short)? == 1;

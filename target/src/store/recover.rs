@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 
-use blockferry_protocol::repl::{BatchHeader, End, Epoch, ReplicaState};
+use blockferry_protocol::repl::{BatchHeader, BatchKind, End, Epoch, ReplicaState};
 
 use super::journal::{self, Body, Header};
 use super::meta::{Meta, META_FILE};
@@ -96,7 +96,9 @@ impl ReplicaStore {
 
     pub(super) fn sync_journal(&mut self) -> Result<(), StoreError> {
         let name = journal::segment_name(self.seg);
-        self.storage.sync(&name).map_err(|e| self.fail_sync(&name, e))
+        self.storage.sync(&name).map_err(|e| self.fail_sync(&name, e))?;
+        self.journal_dirty = false;
+        Ok(())
     }
 
     /// Replaces `meta` with the in-memory one (temp -> fsync -> rename -> fsync(dir)).
@@ -143,6 +145,7 @@ impl ReplicaStore {
             }
             return Err(err);
         }
+        self.journal_dirty = true;
         let seg = self.segments.entry(self.seg).or_default();
         seg.len = off + rec_len;
         seg.keys.extend(keys.iter().copied());
@@ -355,6 +358,8 @@ impl ReplicaStore {
                             recs: f.recs,
                             end: f.end,
                             bytes: f.bytes,
+                            durable: 0,
+                            cut: false,
                         });
                         true
                     }
@@ -378,10 +383,54 @@ impl ReplicaStore {
         if cur > Epoch::ZERO {
             self.meta.state = ReplicaState::Consistent;
         }
-        // A new session: records of the dead one never mix with new ones.
-        self.meta.session += 1;
         let next = self.segments.keys().next_back().map_or(1, |s| s + 1);
         self.new_segment(next)?;
+        // The dead session's open sync batches are sealed (their frames may have been
+        // reported durable): its batches that continue the committed chain become pending
+        // again, with the records found (the scan cut a torn last record), and `seal` ends the
+        // open sync batches and commits what it can, still under the dead session's number
+        // (commit records name their batches by session). Batches of older sessions were
+        // forgotten (sealed first) when the session after them began.
+        let live = self.meta.session;
+        let mut at = cur;
+        while let Some(key) = found
+            .iter()
+            .find(|(k, f)| {
+                k.0 == live
+                    && f.header.base == at
+                    && !f.broken
+                    && (f.end.is_some() || f.header.kind == BatchKind::Sync)
+            })
+            .map(|(k, _)| *k)
+        {
+            let Some(f) = found.remove(&key) else { break };
+            at = f.header.id;
+            self.pending.insert(
+                f.header.id,
+                Batch {
+                    header: f.header,
+                    session: live,
+                    direct: f.direct,
+                    frames: f.frames,
+                    chain: f.chain,
+                    recs: f.recs,
+                    end: f.end,
+                    bytes: f.bytes,
+                    durable: f.frames,
+                    cut: true,
+                },
+            );
+        }
+        if !self.pending.is_empty() {
+            self.recovery_sealed = self.seal()?;
+            self.pending.clear();
+            if self.meta.committed > cur {
+                tracing::info!(volume = %self.meta.volume, from = %cur, through = %self.meta.committed,
+                    sealed = ?self.recovery_sealed, "recovery committed the dead session's complete and sealed batches");
+            }
+        }
+        // A new session: records of the dead one never mix with new ones.
+        self.meta.session += 1;
         let redo: usize = self.to_apply.iter().map(|b| b.recs.len()).sum();
         if redo > 0 {
             tracing::info!(volume = %self.meta.volume, batches = self.to_apply.len(), records = redo, "redo: applying committed batches");
