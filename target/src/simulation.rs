@@ -479,6 +479,7 @@ impl Sim {
                 agent::Action::Stopped { code, message } => {
                     return Err(format!("agent stopped: {code:?}: {message}"));
                 }
+                agent::Action::Durable { .. } => {}
             }
         }
         Ok(())

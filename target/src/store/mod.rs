@@ -754,15 +754,21 @@ impl ReplicaStore {
     /// Seals the open sync batches (at the end of a session, before a new one, and in
     /// recovery): following the chain from the committed boundary through ended batches, each
     /// open sync batch gets an end record after its last complete data record (its prefix is
-    /// a crash-consistent state); then [`ReplicaStore::commit`] commits what it can. Stops at
-    /// the first open batch that is not a sync batch (it is dropped with the session). Returns
-    /// the sealed batches as `(id, frames)`; `meta().committed` says what was committed.
+    /// a crash-consistent state); then the chain is committed as far as it can be, through
+    /// the last sync batch in it at most (a `Durable` of a sync batch promised it and every
+    /// batch before it; what follows it is left as it was). Stops at the first open batch that
+    /// is not a sync batch (it is dropped with the session). Returns the sealed batches as
+    /// `(id, frames)`; `meta().committed` says what was committed.
     pub fn seal(&mut self) -> Result<Vec<(Epoch, u32)>, StoreError> {
         self.check()?;
         let mut sealed = Vec::new();
+        let mut last_sync = None;
         let mut cur = self.meta.committed;
         while let Some(b) = self.pending.values().find(|b| b.header.base == cur) {
             let (id, session, frames, chain) = (b.header.id, b.session, b.frames, b.chain);
+            if b.header.kind == BatchKind::Sync {
+                last_sync = Some(id);
+            }
             if b.end.is_none() {
                 if b.header.kind != BatchKind::Sync {
                     break;
@@ -782,8 +788,8 @@ impl ReplicaStore {
             }
             cur = id;
         }
-        if !sealed.is_empty() || self.pending.values().any(|b| b.end.is_some()) {
-            self.commit()?;
+        if let Some(limit) = last_sync {
+            self.commit_upto(Some(limit))?;
         }
         Ok(sealed)
     }
@@ -797,10 +803,18 @@ impl ReplicaStore {
     /// to E is made of complete batches and the last resync or initial batch in it has
     /// `through <= E`. One commit record, one fdatasync. `Some(E)` if the boundary moved.
     pub fn commit(&mut self) -> Result<Option<Epoch>, StoreError> {
+        self.commit_upto(None)
+    }
+
+    /// [`ReplicaStore::commit`], through no batch after `limit`.
+    fn commit_upto(&mut self, limit: Option<Epoch>) -> Result<Option<Epoch>, StoreError> {
         self.check()?;
         let base = self.meta.committed;
         let (mut cur, mut ids, mut barrier, mut best) = (base, Vec::new(), None, 0);
         while let Some(b) = self.pending.values().find(|b| b.header.base == cur) {
+            if limit.is_some_and(|l| b.header.id > l) {
+                break;
+            }
             let Some(end) = b.end else { break };
             if !matches!(b.header.kind, BatchKind::Epoch | BatchKind::Sync) {
                 barrier = Some(end.through);

@@ -385,14 +385,17 @@ impl ReplicaStore {
         }
         let next = self.segments.keys().next_back().map_or(1, |s| s + 1);
         self.new_segment(next)?;
-        // The dead session's open sync batches are sealed (their frames may have been
-        // reported durable): its batches that continue the committed chain become pending
-        // again, with the records found (the scan cut a torn last record), and `seal` ends the
-        // open sync batches and commits what it can, still under the dead session's number
-        // (commit records name their batches by session). Batches of older sessions were
-        // forgotten (sealed first) when the session after them began.
+        // The dead session's sync batches are sealed (their frames may have been reported
+        // durable, which also promised every batch before them): its batches that continue
+        // the committed chain, up to the last sync batch among them, become pending again with
+        // the records found (the scan cut a torn last record), and `seal` ends the open sync
+        // batches and commits what it can, still under the dead session's number (commit
+        // records name their batches by session). Without a sync batch the uncommitted tail is
+        // dropped, as before. Batches of older sessions were forgotten (sealed first) when the
+        // session after them began.
         let live = self.meta.session;
         let mut at = cur;
+        let mut walk = Vec::new();
         while let Some(key) = found
             .iter()
             .find(|(k, f)| {
@@ -405,7 +408,7 @@ impl ReplicaStore {
         {
             let Some(f) = found.remove(&key) else { break };
             at = f.header.id;
-            self.pending.insert(
+            walk.push((
                 f.header.id,
                 Batch {
                     header: f.header,
@@ -419,8 +422,11 @@ impl ReplicaStore {
                     durable: f.frames,
                     cut: true,
                 },
-            );
+            ));
         }
+        let last_sync = walk.iter().rposition(|(_, b)| b.header.kind == BatchKind::Sync);
+        walk.truncate(last_sync.map_or(0, |i| i + 1));
+        self.pending.extend(walk);
         if !self.pending.is_empty() {
             self.recovery_sealed = self.seal()?;
             self.pending.clear();
