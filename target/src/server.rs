@@ -790,7 +790,9 @@ fn store_thread(
                 "sealed the open sync batches at session end");
         }
         Ok(_) => {}
-        Err(e) => warn!(volume = %slot.name, "cannot seal the open sync batches at session end (recovery seals them at the next open): {e}"),
+        Err(e) => {
+            warn!(volume = %slot.name, "cannot seal the open sync batches at session end (recovery seals them at the next open): {e}")
+        }
     }
     if let Ok(Some(e)) = store.commit() {
         debug!(volume = %slot.name, through = %e, "committed at session end");

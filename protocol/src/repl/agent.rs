@@ -501,7 +501,8 @@ impl AgentSession {
         if self.link != Link::Up {
             return;
         }
-        let Some(live) = self.retained.iter_mut().find(|r| r.id == id).and_then(|r| r.sync.as_mut())
+        let Some(live) =
+            self.retained.iter_mut().find(|r| r.id == id).and_then(|r| r.sync.as_mut())
         else {
             // A batch already committed (its commit came first) or of an older connection.
             return;

@@ -40,6 +40,8 @@ pub mod storage;
 mod volumes;
 
 #[cfg(test)]
+mod sync_tests;
+#[cfg(test)]
 mod tests;
 
 use std::collections::{BTreeMap, HashSet};
@@ -673,8 +675,7 @@ impl ReplicaStore {
         if let Some(b) = self.pending.get_mut(&id) {
             b.end = Some(end);
         }
-        if self.pending.values().any(|b| b.header.kind == BatchKind::Sync && b.durable < b.frames)
-        {
+        if self.pending.values().any(|b| b.header.kind == BatchKind::Sync && b.durable < b.frames) {
             self.sync_dirty = true;
         }
         Ok(())
