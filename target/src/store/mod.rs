@@ -20,9 +20,10 @@
 //! commit) and says how many frames of the open sync batch are durable, for the agent's
 //! acknowledgements. A sync batch is never dropped: an error only stops it (`cut`), and
 //! [`ReplicaStore::seal`] (at the end of a session, before a new one, and in recovery) closes
-//! the open sync batches after their last complete record, in chain order, and commits them.
-//! Any prefix of a sync batch is crash-consistent (its writes were captured in order), so the
-//! replica stays at a boundary (invariant 3) and holds every frame ever reported durable.
+//! the first open sync batch of the chain after its last complete record and commits the
+//! chain through it. Any prefix of a sync batch is crash-consistent (its writes were captured
+//! in order), so the replica stays at a boundary (invariant 3) and holds every frame ever
+//! reported durable.
 //!
 //! Before the first commit (state Empty or Seeded) there is no boundary to protect, and the
 //! initial sync's batches go straight into the image (`direct`): only their begin and end
@@ -752,14 +753,20 @@ impl ReplicaStore {
         Ok(out)
     }
 
-    /// Seals the open sync batches (at the end of a session, before a new one, and in
-    /// recovery): following the chain from the committed boundary through ended batches, each
-    /// open sync batch gets an end record after its last complete data record (its prefix is
-    /// a crash-consistent state); then the chain is committed as far as it can be, through
-    /// the last sync batch in it at most (a `Durable` of a sync batch promised it and every
-    /// batch before it; what follows it is left as it was). Stops at the first open batch that
-    /// is not a sync batch (it is dropped with the session). Returns the sealed batches as
-    /// `(id, frames)`; `meta().committed` says what was committed.
+    /// Seals the open sync batch (at the end of a session, before a new one, and in
+    /// recovery): following the chain from the committed boundary through ended batches, the
+    /// first open batch, if it is a sync batch, gets an end record after its last complete
+    /// data record; then the chain is committed as far as it can be, through the last sync
+    /// batch in it at most (a `Durable` of a sync batch promised it and every batch before
+    /// it; what follows is left as it was, and dropped with the session).
+    ///
+    /// Only the first open batch is sealed, not the (sync) batches after it: their frames were
+    /// never reported durable (`sync_durable` stops at the first open batch), and leaving them
+    /// out makes the replica an exact prefix of the agent's write stream, not a prefix of one
+    /// epoch followed by a prefix of the next (also crash-consistent, since none of the
+    /// missing writes was acknowledged, but a state no single cut of the stream shows).
+    /// Returns the sealed batch as `(id, frames)` (none or one); `meta().committed` says what
+    /// was committed. The session's batches after the sealed one are forgotten.
     pub fn seal(&mut self) -> Result<Vec<(Epoch, u32)>, StoreError> {
         self.check()?;
         let mut sealed = Vec::new();
@@ -786,6 +793,10 @@ impl ReplicaStore {
                 tracing::info!(volume = %self.meta.volume, batch = %id, frames,
                     "sync batch sealed after its last complete frame");
                 sealed.push((id, frames));
+                // The batches after it never follow it now (it may have been sealed short):
+                // forgotten, so that no later commit puts them on a shortened prefix.
+                self.pending.retain(|&b, _| b <= id);
+                break;
             }
             cur = id;
         }
