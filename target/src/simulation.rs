@@ -136,6 +136,9 @@ pub struct SimReport {
     pub durable_reports: u64,
     pub seals: u64,
     pub durable_checks: u64,
+    /// Steps of the faulty phase with the agent in sync, and with a live sync batch open.
+    pub in_sync_steps: u64,
+    pub live_steps: u64,
 }
 
 /// The open live sync batch (sync mode).
@@ -275,6 +278,12 @@ impl Sim {
     pub fn run(mut self) -> Result<SimReport, String> {
         for step in 0..self.p.steps {
             self.step(true).map_err(|e| format!("step {step}: {e}"))?;
+            if self.agent.state() == agent::State::InSync {
+                self.report.in_sync_steps += 1;
+            }
+            if self.live.is_some() {
+                self.report.live_steps += 1;
+            }
         }
         self.report.commits_under_faults = self.report.commits;
         self.corrupt = false;
@@ -1180,7 +1189,21 @@ mod tests {
         let (first, n) = seeds();
         let mut total = SimReport::default();
         for seed in first..first + n {
-            let p = SimParams { sync, ..SimParams::default() };
+            let p = if sync {
+                // Fewer faults, so that the agent spends time in sync (live batches) between
+                // them; every fault still happens in most runs.
+                SimParams {
+                    sync,
+                    p_disconnect: 1,
+                    p_target_crash: 1,
+                    p_agent_restart: 1,
+                    p_duplicate: 1,
+                    budget_blocks: 400,
+                    ..SimParams::default()
+                }
+            } else {
+                SimParams::default()
+            };
             let r = Sim::new(seed, p).run().unwrap_or_else(|e| {
                 panic!("seed {seed} (sync {sync}): {e} (replay: BLOCKFERRY_SIM_SEED={seed})")
             });
@@ -1199,6 +1222,8 @@ mod tests {
             total.durable_reports += r.durable_reports;
             total.seals += r.seals;
             total.durable_checks += r.durable_checks;
+            total.in_sync_steps += r.in_sync_steps;
+            total.live_steps += r.live_steps;
         }
         println!("simulation (sync {sync}): {n} seeds from {first}: {total:?}");
         total

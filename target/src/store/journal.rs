@@ -17,7 +17,8 @@
 //!         into the image, not into the journal) | 2 [6] 0 | 8 u64 id | 16 u64 base
 //! data    0 u64 batch id | 8 u64 offset | 16 u32 length | 20 u8 zero | 21 [3] 0 |
 //!         24 [length] raw uncompressed bytes (none for a zero frame)
-//! end     0 u64 batch id | 8 u64 through | 16 u32 frames | 20 u32 chain: crc32c over the
+//! end     0 u64 batch id | 8 u64 through ([`SEALED`]: a sync batch the target sealed; it ends
+//!         its session's chain) | 16 u32 frames | 20 u32 chain: crc32c over the
 //!         crcs (u32 LE) of the batch's data records, in order
 //! commit  0 u64 base (the boundary before) | 8 u64 through | 16 u32 n | 20 [4] 0 |
 //!         24 n x u64 the ids of the committed batches, in chain order
@@ -39,6 +40,9 @@ use blockferry_protocol::repl::{BatchKind, Epoch};
 use super::storage::JOURNAL_DIR;
 
 const MAGIC: u32 = 0x4246_4a52;
+/// `through` of the end record of a sync batch sealed by the target (`ReplicaStore::seal`):
+/// no batch of the same session follows it in the chain.
+pub const SEALED: Epoch = Epoch(u64::MAX);
 pub const HEADER: usize = 24;
 const MAX_BODY: usize = 24 + MAX_FRAME_LIMIT as usize;
 /// The most batch ids one commit record names.

@@ -785,7 +785,10 @@ impl ReplicaStore {
                 // the batch (appended before); 2. the commit below syncs it with its commit
                 // record. A crash before 2 leaves the batch open in the journal, and recovery
                 // seals it again.
-                let rec = journal::encode(session, &Body::End { id, through: id, frames, chain });
+                let rec = journal::encode(
+                    session,
+                    &Body::End { id, through: journal::SEALED, frames, chain },
+                );
                 self.append(&rec, &[(session, id)])?;
                 if let Some(b) = self.pending.get_mut(&id) {
                     b.end = Some(End { through: id, frames, batch_crc: chain });

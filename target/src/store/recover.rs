@@ -36,6 +36,8 @@ struct Found {
     end: Option<End>,
     /// The end record disagrees with the records found.
     broken: bool,
+    /// A sync batch the target sealed (its session's chain ends with it).
+    sealed: bool,
     bytes: u64,
 }
 
@@ -284,6 +286,7 @@ impl ReplicaStore {
                             recs: Vec::new(),
                             end: None,
                             broken: false,
+                            sealed: false,
                             bytes: 0,
                         };
                         found.insert((s, id), f);
@@ -308,6 +311,9 @@ impl ReplicaStore {
                         if let Some(f) = found.get_mut(&(s, id)).filter(|f| f.end.is_none()) {
                             // A direct batch's data went to the image: only its end is journaled.
                             f.broken = !f.direct && (frames != f.frames || chain != f.chain);
+                            f.sealed =
+                                through == journal::SEALED && f.header.kind == BatchKind::Sync;
+                            let through = if f.sealed { id } else { through };
                             f.end = Some(End { through, frames, batch_crc: chain });
                         }
                         seg.keys.insert((s, id));
@@ -338,6 +344,9 @@ impl ReplicaStore {
         // The committed chain: commit records after `applied`, each starting where the one
         // before ended, and naming only complete batches.
         let mut cur = self.meta.applied;
+        // The newest committed batch was sealed in the dead session: nothing of that session
+        // follows it.
+        let mut chain_sealed = false;
         for (s, base, through, ids) in commits {
             if through <= cur {
                 continue;
@@ -349,6 +358,7 @@ impl ReplicaStore {
                 && ids.iter().all(|id| match found.remove(&(s, *id)) {
                     Some(f) if f.end.is_some() && !f.broken && f.header.base == at => {
                         at = f.header.id;
+                        chain_sealed = f.sealed && s == self.meta.session;
                         batches.push(Batch {
                             header: f.header,
                             session: s,
@@ -391,13 +401,17 @@ impl ReplicaStore {
         // the records found (the scan cut a torn last record), and `seal` ends the open sync
         // batches and commits what it can, still under the dead session's number (commit
         // records name their batches by session). Without a sync batch the uncommitted tail is
-        // dropped, as before. Batches of older sessions were forgotten (sealed first) when the
-        // session after them began.
+        // dropped, as before. A batch the target sealed ends its session's chain: nothing after
+        // it is taken (the seal forgot those batches; they may sit on a prefix cut short).
+        // Batches of older sessions were forgotten (sealed first) when the session after them
+        // began.
         let live = self.meta.session;
         let mut at = cur;
         let mut walk = Vec::new();
+        let mut stop = chain_sealed;
         while let Some(key) = found
             .iter()
+            .filter(|_| !stop)
             .find(|(k, f)| {
                 k.0 == live
                     && f.header.base == at
@@ -408,6 +422,7 @@ impl ReplicaStore {
         {
             let Some(f) = found.remove(&key) else { break };
             at = f.header.id;
+            stop = f.sealed;
             walk.push((
                 f.header.id,
                 Batch {
