@@ -614,7 +614,12 @@ impl ReplicaStore {
                     Some(_) => Held::Journal,
                 };
                 recs.push((
-                    Rec { loc: Loc { seg: loc.seg, off, len }, offset: *offset, length: *length, data: held },
+                    Rec {
+                        loc: Loc { seg: loc.seg, off, len },
+                        offset: *offset,
+                        length: *length,
+                        data: held,
+                    },
                     journal::record_crc(head),
                 ));
                 off += len;

@@ -32,7 +32,12 @@ fn begin(s: &mut ReplicaStore, kind: BatchKind, id: u64, base: u64) -> Result<()
 
 /// Frame `n` of a workload: block `n % BLOCKS` filled with `n + 1` (0 never appears).
 fn frame(s: &mut ReplicaStore, id: u64, n: u64) -> Result<(), StoreError> {
-    s.data(Epoch(id), (n % BLOCKS) * BS, BS as u32, Some(&vec![(n + 1) as u8; BS as usize]))
+    s.data(
+        Epoch(id),
+        (n % BLOCKS) * BS,
+        BS as u32,
+        Some(Bytes::from(vec![(n + 1) as u8; BS as usize])),
+    )
 }
 
 fn put_frame(img: &mut [u8], n: u64) {
