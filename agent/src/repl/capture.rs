@@ -394,6 +394,30 @@ impl Capture {
     /// the returned epoch, writes begun after it in a later one.
     pub fn close_epoch(&self) -> Option<ClosedEpoch> {
         let mut inner = lock(&self.inner);
+        self.close_locked(&mut inner)
+    }
+
+    /// [`Capture::close_epoch`] and [`Capture::set_live`] at once (under one lock): every write
+    /// recorded before the call is in the returned epoch and sent live or not as before; every
+    /// write recorded after it is in the next epoch and sent live if `live` is `Some`. Also
+    /// returns the sequence number the open epoch will get (its writes' [`LiveWrite::epoch`]).
+    pub fn close_epoch_live(
+        &self,
+        live: Option<mpsc::UnboundedSender<LiveWrite>>,
+    ) -> (Option<ClosedEpoch>, u64) {
+        let mut inner = lock(&self.inner);
+        let closed = self.close_locked(&mut inner);
+        self.live_on.store(live.is_some(), Ordering::Release);
+        inner.live = live;
+        (closed, inner.next_seq)
+    }
+
+    /// The sequence number the open epoch will get when it closes.
+    pub fn open_seq(&self) -> u64 {
+        lock(&self.inner).next_seq
+    }
+
+    fn close_locked(&self, inner: &mut Inner) -> Option<ClosedEpoch> {
         if inner.open.is_empty() && !inner.live_in_open {
             return None;
         }
@@ -541,12 +565,11 @@ impl Capture {
             return None;
         }
         let data = &data[..(end - offset) as usize];
-        let wait = if self.live_on.load(Ordering::Acquire) {
-            self.send_live(offset, end, Some(data))
-        } else {
-            None
-        };
+        // The live pieces are made before the lock (the lock decides whether they are sent).
+        let pieces =
+            self.live_on.load(Ordering::Acquire).then(|| self.live_pieces(offset, end, Some(data)));
         if !self.buffering() {
+            let wait = self.send_live(&mut lock(&self.inner), pieces, offset, end, Some(data));
             self.mark_unbuffered(offset, data.len() as u64);
             return wait;
         }
@@ -566,6 +589,9 @@ impl Capture {
             }
         }
         let mut inner = lock(&self.inner);
+        // Sent live and buffered under one lock: a write is in the epoch it is sent live with
+        // (a close or a switch of live sending in between would part them).
+        let wait = self.send_live(&mut inner, pieces, offset, end, Some(data));
         if !inner.buffering {
             drop(inner);
             self.mark_unbuffered(offset, end - offset);
@@ -594,12 +620,10 @@ impl Capture {
         if offset >= end {
             return None;
         }
-        let wait = if self.live_on.load(Ordering::Acquire) {
-            self.send_live(offset, end, None)
-        } else {
-            None
-        };
+        let pieces =
+            self.live_on.load(Ordering::Acquire).then(|| self.live_pieces(offset, end, None));
         if !self.buffering() {
+            let wait = self.send_live(&mut lock(&self.inner), pieces, offset, end, None);
             self.mark_unbuffered(offset, len);
             return wait;
         }
@@ -609,6 +633,7 @@ impl Capture {
         let ze = if end == self.size { end.div_ceil(bs) } else { end / bs };
         let (first, last) = (offset >> self.shift, (end - 1) >> self.shift);
         let mut inner = lock(&self.inner);
+        let wait = self.send_live(&mut inner, pieces, offset, end, None);
         if !inner.buffering {
             drop(inner);
             self.mark_unbuffered(offset, end - offset);
@@ -648,11 +673,32 @@ impl Capture {
         self.live_on.load(Ordering::Acquire)
     }
 
-    /// Sends the completed write or zeroing (`data: None`) of `[offset, end)` live, under the
-    /// lock that orders it with epoch closes. Whole blocks travel as they are; a partial head
-    /// or tail block is sent as "read it from the image" (the shipper reads the block after
-    /// this write completed, so it holds this write).
-    fn send_live(&self, offset: u64, end: u64, data: Option<&[u8]>) -> Option<SyncWait> {
+    /// Sends the completed write or zeroing (`data: None`) of `[offset, end)` live if live
+    /// sending is on, under the lock that orders it with epoch closes (the caller buffers it
+    /// under the same lock). `pieces`: made before the lock, if it looked on then.
+    fn send_live(
+        &self,
+        inner: &mut Inner,
+        pieces: Option<Vec<LivePiece>>,
+        offset: u64,
+        end: u64,
+        data: Option<&[u8]>,
+    ) -> Option<SyncWait> {
+        let epoch = inner.next_seq;
+        let tx = inner.live.as_ref()?;
+        let pieces = pieces.unwrap_or_else(|| self.live_pieces(offset, end, data));
+        let (done, wait) = oneshot::channel();
+        if tx.send(LiveWrite { epoch, pieces, done }).is_err() {
+            return None;
+        }
+        inner.live_in_open = true;
+        Some(SyncWait(wait))
+    }
+
+    /// The pieces of a live write or zeroing (`data: None`) of `[offset, end)`. Whole blocks
+    /// travel as they are; a partial head or tail block is sent as "read it from the image"
+    /// (the shipper reads the block after this write completed, so it holds this write).
+    fn live_pieces(&self, offset: u64, end: u64, data: Option<&[u8]>) -> Vec<LivePiece> {
         let bs = u64::from(self.block_size);
         // Whole blocks [wf, we) by byte offsets; the last block of the volume is whole when
         // `end` is the end.
@@ -687,15 +733,7 @@ impl Capture {
             }
         }
         pieces.sort_by_key(|p| p.offset);
-        let (done, wait) = oneshot::channel();
-        let mut inner = lock(&self.inner);
-        let epoch = inner.next_seq;
-        let tx = inner.live.as_ref()?;
-        if tx.send(LiveWrite { epoch, pieces, done }).is_err() {
-            return None;
-        }
-        inner.live_in_open = true;
-        Some(SyncWait(wait))
+        pieces
     }
 
     /// Applies a partial write (`Some(bytes)`) or zeroing (`None`) of bytes `[from, to)` of

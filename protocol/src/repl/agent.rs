@@ -353,7 +353,7 @@ impl AgentSession {
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
-        let waiting = self.in_flight() > 0;
+        let waiting = self.awaiting() > 0;
         if !waiting {
             self.progress_at = now;
         }
@@ -833,6 +833,27 @@ impl AgentSession {
 
     fn in_flight(&self) -> usize {
         self.retained.iter().filter(|r| r.sent).count() + self.resyncs.len()
+    }
+
+    /// Batches that wait for an answer of the target: [`AgentSession::in_flight`] without
+    /// an open sync batch whose frames are all durable (it is quiet, not stalled: the epoch
+    /// has had no write since).
+    fn awaiting(&self) -> usize {
+        let quiet = |r: &Retained| r.sync.is_some_and(|l| !l.ended && l.durable == l.frames);
+        self.retained.iter().filter(|r| r.sent && !quiet(r)).count() + self.resyncs.len()
+    }
+
+    /// True when [`AgentSession::sync_open`] would open a sync batch once the open epoch
+    /// closes: connected, clean (no catch-up owed), no resync, every retained epoch sent and
+    /// room in the window for the epoch being closed. The driver asks before it turns the
+    /// capture's live sending on at an epoch close, so that every write of the next epoch goes
+    /// live.
+    pub fn sync_ready(&self) -> bool {
+        self.link == Link::Up
+            && self.clean
+            && self.resyncs.is_empty()
+            && self.retained.iter().all(|r| r.sent)
+            && self.in_flight() < self.cfg.window
     }
 
     pub fn state(&self) -> State {
