@@ -142,3 +142,254 @@ fn loss_of_the_primary() {
     }
     println!("loss_of_the_primary: {rounds} rounds, {total_writes} acknowledged writes, 0 missing");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Partition, policy degrade
+
+#[test]
+fn degrade_under_partition() {
+    let mut o = sync_opts("degrade", &[]);
+    o.via_proxy = Some(ProxyOpts::default());
+    let pair = Pair::start(o);
+    pair.wait_state("in-sync", Duration::from_secs(60));
+    let mut so = StampOpts::new(0..4096);
+    so.queue_depth = 4;
+    so.max_iops = Some(300);
+    let writer = StampWriter::start(pair.nbd_addr(), &pair.name, so);
+    thread::sleep(Duration::from_secs(1));
+    let early = writer.acked();
+    thread::sleep(Duration::from_secs(1));
+    writer.assert_healthy("in sync");
+    let at_cut = writer.acked();
+    pair.proxy().blackhole(true);
+    let cut = Instant::now();
+    let st = pair.wait_state("degraded", Duration::from_secs(15));
+    let to_degraded = cut.elapsed();
+    assert!(st["reason"].as_str().is_some_and(|r| !r.is_empty()), "no reason shown: {st}");
+    // Writes go on, locally.
+    let w0 = writer.writes();
+    thread::sleep(Duration::from_secs(2));
+    writer.assert_healthy("degraded");
+    let during = writer.writes() - w0;
+    assert!(during > 100, "only {during} writes in 2 s while degraded\n{}", pair.describe());
+    let st = pair.agent_status();
+    let rpo = st["rpo_seconds"].as_f64().unwrap_or(0.0);
+    assert!(rpo >= 1.0, "degraded for 2 s, but the RPO shows {rpo}: {st}");
+    let table = blockferry_ok(
+        &["status", "--admin", pair.agent_admin.to_str().unwrap()],
+        Duration::from_secs(30),
+    );
+    assert!(
+        table.stdout.contains("sync/degrade") && table.stdout.contains("degraded"),
+        "status table: {table}"
+    );
+    let run = writer.stop();
+    let sent_before = u(&pair.agent_status(), "data_bytes_sent");
+    pair.proxy().blackhole(false);
+    let healed = Instant::now();
+    pair.wait_state("in-sync", Duration::from_secs(60));
+    let to_in_sync = healed.elapsed();
+    let (_, idle) = pair.wait_in_sync_and_idle(Duration::from_secs(60));
+    let resent = u(&pair.agent_status(), "data_bytes_sent") - sent_before;
+    run.verify_exact(&pair.replica_image())
+        .unwrap_or_else(|e| panic!("replica after healing: {e}\n{}", pair.describe()));
+    // Only what was written since the cut (and in the last epochs before it, which the
+    // target had not committed yet) is sent again.
+    let changed = changed_blocks(&at_cut, &run.acked) * STAMP_BLOCK;
+    let changed_early = changed_blocks(&early, &run.acked) * STAMP_BLOCK;
+    println!(
+        "degrade: degraded {:.2?} after the cut; {during} writes in 2 s while degraded, RPO {rpo:.1} s; \
+         in-sync {:.2?} after healing (idle after {idle:.2?}); catch-up sent {} KiB for {} KiB \
+         written during the cut ({} KiB since 1 s before it)",
+        to_degraded,
+        to_in_sync,
+        resent / 1024,
+        changed / 1024,
+        changed_early / 1024
+    );
+    assert!(
+        resent >= changed && resent <= changed_early + (1 << 20),
+        "the catch-up sent {resent} bytes; blocks changed during the cut: {changed} bytes, since \
+         1 s before it: {changed_early} bytes\n{}",
+        pair.describe()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Partition, policy block
+
+/// One write of the block-policy writer: when it was sent, when answered, and how.
+#[derive(Debug, Clone, Copy)]
+struct Done {
+    sent: Instant,
+    answered: Instant,
+    ok: bool,
+}
+
+#[test]
+fn block_under_partition() {
+    let block_timeout = Duration::from_millis(2000);
+    let mut o = sync_opts("block", &["--block-timeout-ms", "2000"]);
+    o.via_proxy = Some(ProxyOpts::default());
+    let pair = Pair::start(o);
+    pair.wait_state("in-sync", Duration::from_secs(60));
+    // One write at a time, noting each answer.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Done>::new()));
+    let layout = StampLayout { run_id: seed() | 1, first: 0, blocks: 1024 };
+    let writer = {
+        let (stop, log) = (stop.clone(), log.clone());
+        let mut client = pair.nbd();
+        thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let i = n % layout.blocks;
+                let data = layout.block(i, n / layout.blocks + 1);
+                let sent = Instant::now();
+                let r = client
+                    .call(Request::new(CMD_WRITE, i * STAMP_BLOCK, STAMP_BLOCK as u32), &data)
+                    .expect("the NBD connection stays up");
+                log.lock().unwrap().push(Done { sent, answered: Instant::now(), ok: r.error == 0 });
+                n += 1;
+                thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    thread::sleep(Duration::from_secs(1));
+    pair.proxy().blackhole(true);
+    let cut = Instant::now();
+    pair.wait_state("blocked", Duration::from_secs(15));
+    let to_blocked = cut.elapsed();
+    thread::sleep(Duration::from_secs(5));
+    let st = pair.agent_status();
+    pair.proxy().blackhole(false);
+    let healed = Instant::now();
+    pair.wait_state("in-sync", Duration::from_secs(60));
+    let to_in_sync = healed.elapsed();
+    thread::sleep(Duration::from_secs(1));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.join().expect("the writer thread");
+    let log = log.lock().unwrap().clone();
+    // Sent after the cut (with a margin for answers on the way) and answered before healing:
+    // none may succeed.
+    let margin = Duration::from_millis(100);
+    let cut_writes: Vec<&Done> =
+        log.iter().filter(|d| d.sent > cut + margin && d.answered < healed).collect();
+    let acked = cut_writes.iter().filter(|d| d.ok).count();
+    let failed: Vec<&&Done> = cut_writes.iter().filter(|d| !d.ok).collect();
+    let waited: Vec<Duration> = failed.iter().map(|d| d.answered - d.sent).collect();
+    let after: Vec<&Done> = log.iter().filter(|d| d.sent > healed + to_in_sync).collect();
+    let after_ok = after.iter().filter(|d| d.ok).count();
+    println!(
+        "block: blocked {to_blocked:.2?} after the cut; {} writes answered during the cut: {acked} \
+         acknowledged, {} failed with EIO after {:.2?}..{:.2?} (block-timeout {block_timeout:?}); \
+         in-sync {to_in_sync:.2?} after healing; {after_ok} of {} writes acknowledged since",
+        cut_writes.len(),
+        failed.len(),
+        waited.iter().min().copied().unwrap_or_default(),
+        waited.iter().max().copied().unwrap_or_default(),
+        after.len()
+    );
+    assert_eq!(acked, 0, "writes acknowledged while the target was cut off\n{}", pair.describe());
+    assert!(!failed.is_empty(), "no write failed during the cut\n{}", pair.describe());
+    assert!(
+        waited.iter().all(|w| *w >= block_timeout - Duration::from_millis(50)),
+        "writes failed before the block timeout: {waited:?}"
+    );
+    assert!(u(&st, "sync_failed") > 0, "status counts no failed write: {st}");
+    assert!(
+        after_ok > 0 && after_ok == after.len(),
+        "the service did not resume: {after_ok} of {}\n{}",
+        after.len(),
+        pair.describe()
+    );
+    pair.wait_in_sync_and_idle(Duration::from_secs(60));
+    let (src, rep) = (pair.source_image(), pair.replica_image());
+    assert_eq!(
+        blockferry_tests::repl::hash_file(&src),
+        blockferry_tests::repl::hash_file(&rep),
+        "the replica differs from the source after healing\n{}",
+        pair.describe()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Live mode switches
+
+fn set_mode(pair: &Pair, mode: &str) -> Value {
+    let out = blockferry_ok(
+        &[
+            "volume",
+            "set-mode",
+            &pair.name,
+            mode,
+            "--admin",
+            pair.agent_admin.to_str().unwrap(),
+            "--json",
+        ],
+        Duration::from_secs(30),
+    );
+    serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("set-mode printed {out}: {e}"))
+}
+
+#[test]
+fn set_mode_both_ways_under_load() {
+    let seed = seed();
+    eprintln!("set_mode_both_ways_under_load: seed {seed}");
+    let mut o = PairOpts::new("64M");
+    o.epoch_interval_ms = Some(200);
+    let mut pair = Pair::start(o);
+    pair.wait_state("in-sync", Duration::from_secs(60));
+    let mut so = StampOpts::new(0..2048);
+    so.queue_depth = 8;
+    so.max_iops = Some(1000);
+    so.seed = seed;
+    let writer = StampWriter::start(pair.nbd_addr(), &pair.name, so);
+    let mut figures = Vec::new();
+    for round in 0..2 {
+        thread::sleep(Duration::from_secs(1));
+        let v = set_mode(&pair, "sync");
+        assert_eq!(
+            (v["previous"].as_str(), v["mode"].as_str()),
+            (Some("async"), Some("sync")),
+            "{v}"
+        );
+        let t = Instant::now();
+        let st = pair.wait_agent("sync and in-sync", Duration::from_secs(30), |s| {
+            s["mode"] == "sync" && s["state"] == "in-sync"
+        });
+        figures.push(format!(
+            "to sync: in-sync after {:.2?} (answered {})",
+            t.elapsed(),
+            v["state"]
+        ));
+        let w0 = writer.writes();
+        thread::sleep(Duration::from_secs(1));
+        writer.assert_healthy("in sync mode");
+        figures.push(format!("{} writes in 1 s in sync mode", writer.writes() - w0));
+        assert_eq!(st["on_disconnect"], "degrade");
+        if round == 1 {
+            break;
+        }
+        let v = set_mode(&pair, "async");
+        assert_eq!(v["mode"], "async", "{v}");
+        let st = pair.agent_status();
+        assert_eq!(st["mode"], "async", "{st}");
+        assert_ne!(st["state"], "syncing", "{st}");
+        figures.push(format!("to async: state {} at once", v["state"]));
+    }
+    // The primary is lost in sync mode: every acknowledged write is at the target.
+    kill9_agent(&mut pair);
+    thread::sleep(Duration::from_millis(100));
+    let (acked, issued, layout, writes) =
+        (writer.acked(), writer.issued(), writer.layout, writer.writes());
+    drop(writer);
+    wait_session_over(&pair, Duration::from_secs(60));
+    layout
+        .verify_between(&pair.replica_image(), &acked, &issued)
+        .unwrap_or_else(|e| panic!("acknowledged writes missing: {e}\n{}", pair.describe()));
+    println!(
+        "set-mode: {}; {writes} writes, 0 missing after the primary was lost",
+        figures.join("; ")
+    );
+}
