@@ -5,11 +5,13 @@
 //! - `loss_of_the_primary`: a stamping writer runs on a sync volume; the agent is killed
 //!   (SIGKILL) at a random moment and its image deleted; the target, once it has sealed the
 //!   dead session, must hold every acknowledged write (and nothing never written).
-//! - `degrade_under_partition`: the link is blackholed; writes go on (degraded), status says so
+//! - `degrade_under_partition`, `degrade_when_acknowledgements_are_lost`: the link is
+//!   blackholed, or only what the target sends is lost; writes go on (degraded), status says so
 //!   and shows the RPO; after healing the volume is in sync again by itself, having sent only
 //!   the blocks written meanwhile.
-//! - `block_under_partition`: no write is acknowledged while the link is cut; writes fail with
-//!   EIO after the block timeout; the service resumes after healing.
+//! - `block_under_partition`, `block_when_acknowledgements_are_lost`: no write is acknowledged
+//!   while the link is cut; writes fail with EIO after the block timeout; the service resumes
+//!   after healing.
 //! - `set_mode_both_ways_under_load`: async -> sync -> async -> sync while a writer runs, then
 //!   the primary is lost: every write acknowledged in sync mode is at the target.
 //!
@@ -146,8 +148,30 @@ fn loss_of_the_primary() {
 // ---------------------------------------------------------------------------------------------
 // Partition, policy degrade
 
+/// How a test cuts the link (impairment proxy control commands).
+#[derive(Debug, Clone, Copy)]
+struct Cut {
+    name: &'static str,
+    on: &'static str,
+    off: &'static str,
+}
+
+/// Nothing passes either way.
+const BLACKHOLE: Cut = Cut { name: "blackhole", on: "blackhole on", off: "blackhole off" };
+/// The target receives everything, the agent nothing: its acknowledgements are lost.
+const ACKS_LOST: Cut = Cut { name: "acknowledgements lost", on: "loss 0 1", off: "loss 0 0" };
+
 #[test]
 fn degrade_under_partition() {
+    degrade_case(BLACKHOLE);
+}
+
+#[test]
+fn degrade_when_acknowledgements_are_lost() {
+    degrade_case(ACKS_LOST);
+}
+
+fn degrade_case(cut_how: Cut) {
     let mut o = sync_opts("degrade", &[]);
     o.via_proxy = Some(ProxyOpts::default());
     let pair = Pair::start(o);
@@ -161,7 +185,7 @@ fn degrade_under_partition() {
     thread::sleep(Duration::from_secs(1));
     writer.assert_healthy("in sync");
     let at_cut = writer.acked();
-    pair.proxy().blackhole(true);
+    pair.proxy().control(cut_how.on);
     let cut = Instant::now();
     let st = pair.wait_state("degraded", Duration::from_secs(15));
     let to_degraded = cut.elapsed();
@@ -185,7 +209,7 @@ fn degrade_under_partition() {
     );
     let run = writer.stop();
     let sent_before = u(&pair.agent_status(), "data_bytes_sent");
-    pair.proxy().blackhole(false);
+    pair.proxy().control(cut_how.off);
     let healed = Instant::now();
     pair.wait_state("in-sync", Duration::from_secs(60));
     let to_in_sync = healed.elapsed();
@@ -198,9 +222,10 @@ fn degrade_under_partition() {
     let changed = changed_blocks(&at_cut, &run.acked) * STAMP_BLOCK;
     let changed_early = changed_blocks(&early, &run.acked) * STAMP_BLOCK;
     println!(
-        "degrade: degraded {:.2?} after the cut; {during} writes in 2 s while degraded, RPO {rpo:.1} s; \
+        "degrade, {}: degraded {:.2?} after the cut; {during} writes in 2 s while degraded, RPO {rpo:.1} s; \
          in-sync {:.2?} after healing (idle after {idle:.2?}); catch-up sent {} KiB for {} KiB \
          written during the cut ({} KiB since 1 s before it)",
+        cut_how.name,
         to_degraded,
         to_in_sync,
         resent / 1024,
@@ -228,6 +253,15 @@ struct Done {
 
 #[test]
 fn block_under_partition() {
+    block_case(BLACKHOLE);
+}
+
+#[test]
+fn block_when_acknowledgements_are_lost() {
+    block_case(ACKS_LOST);
+}
+
+fn block_case(cut_how: Cut) {
     let block_timeout = Duration::from_millis(2000);
     let mut o = sync_opts("block", &["--block-timeout-ms", "2000"]);
     o.via_proxy = Some(ProxyOpts::default());
@@ -256,13 +290,13 @@ fn block_under_partition() {
         })
     };
     thread::sleep(Duration::from_secs(1));
-    pair.proxy().blackhole(true);
+    pair.proxy().control(cut_how.on);
     let cut = Instant::now();
     pair.wait_state("blocked", Duration::from_secs(15));
     let to_blocked = cut.elapsed();
     thread::sleep(Duration::from_secs(5));
     let st = pair.agent_status();
-    pair.proxy().blackhole(false);
+    pair.proxy().control(cut_how.off);
     let healed = Instant::now();
     pair.wait_state("in-sync", Duration::from_secs(60));
     let to_in_sync = healed.elapsed();
@@ -281,9 +315,10 @@ fn block_under_partition() {
     let after: Vec<&Done> = log.iter().filter(|d| d.sent > healed + to_in_sync).collect();
     let after_ok = after.iter().filter(|d| d.ok).count();
     println!(
-        "block: blocked {to_blocked:.2?} after the cut; {} writes answered during the cut: {acked} \
+        "block, {}: blocked {to_blocked:.2?} after the cut; {} writes answered during the cut: {acked} \
          acknowledged, {} failed with EIO after {:.2?}..{:.2?} (block-timeout {block_timeout:?}); \
          in-sync {to_in_sync:.2?} after healing; {after_ok} of {} writes acknowledged since",
+        cut_how.name,
         cut_writes.len(),
         failed.len(),
         waited.iter().min().copied().unwrap_or_default(),

@@ -1514,4 +1514,32 @@ mod tests {
         assert!(begin(&c, 0, BS).data(&[3u8; BS as usize]).is_none());
         assert!(rx.try_recv().is_err());
     }
+
+    #[test]
+    fn live_sending_switches_with_the_epoch_close() {
+        let c = on(64 * BS, 1 << 20);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        // Before: buffered, not live.
+        assert!(begin(&c, 0, BS).data(&[1u8; BS as usize]).is_none());
+        let (e, next) = c.close_epoch_live(Some(tx));
+        assert_eq!((e.map(|e| e.seq), next, c.open_seq()), (Some(1), 2, 2));
+        // After: live and buffered in the same epoch, the one the write is tagged with.
+        let _w = begin(&c, BS, BS).data(&[2u8; BS as usize]).expect("live");
+        assert_eq!(rx.try_recv().unwrap().epoch, 2);
+        // Switching off at the next close: the epoch with the live write closes; the write
+        // after it is neither live nor in it.
+        let (e, next) = c.close_epoch_live(None);
+        let e = e.expect("an epoch with a live write");
+        assert_eq!((e.seq, e.block_count(), next), (2, 1, 3));
+        assert!(begin(&c, 2 * BS, BS).data(&[3u8; BS as usize]).is_none());
+        assert!(rx.try_recv().is_err());
+        assert_eq!(c.close_epoch().map(|e| (e.seq, e.block_count())), Some((3, 1)));
+        // An empty epoch does not close (no number used); live sending still switches.
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (e, next) = c.close_epoch_live(Some(tx));
+        assert!(e.is_none());
+        assert_eq!(next, 4);
+        let _w = begin(&c, 0, BS).zero().expect("live");
+        assert_eq!(rx.try_recv().unwrap().epoch, 4);
+    }
 }

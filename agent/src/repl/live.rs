@@ -281,8 +281,10 @@ impl Driver {
                             Some((Bytes::from(d), crc))
                         }
                         Err(e) => {
+                            // The batch can no longer be a prefix of the writes: start over
+                            // from the bitmap on a new connection.
                             let reason = format!("cannot read the image for a sync write: {e}");
-                            self.break_live(now, &reason);
+                            self.sync_disconnect(now, &reason);
                             return self.live_write(now, w);
                         }
                     },
@@ -298,7 +300,7 @@ impl Driver {
             let Some(seq) = self.session.sync_frame(l.id) else {
                 // The session no longer has the batch (cannot happen: the driver drops it
                 // first when the session does).
-                self.break_live(now, "the sync batch is gone");
+                self.sync_disconnect(now, "the session lost its sync batch");
                 return self.live_write(now, w);
             };
             let f = match data {
@@ -329,10 +331,19 @@ impl Driver {
         Ok(buf)
     }
 
-    /// The live batch is gone (the session dropped it, or the driver ended it after an
-    /// overflow): the policy answers the waiting writes.
+    /// Sync replication broke: the session dropped its sync batches (the connection broke,
+    /// the buffer overflowed) or is made to ([`Driver::sync_disconnect`]). The live batch, if
+    /// the session still has it, ends where it is; the policy answers the waiting writes.
     pub(super) fn break_live(&mut self, now: Instant, reason: &str) {
-        let had = self.sync.live.take().is_some();
+        let had = match self.sync.live.take() {
+            Some(l) => {
+                self.end_live(now, l);
+                true
+            }
+            None => false,
+        };
+        // The sync batches are gone with the session's (every path here drops them).
+        self.sync.seqs.clear();
         if !self.sync.want || self.sync.switching {
             return;
         }
@@ -369,10 +380,20 @@ impl Driver {
         while let Ok(w) = self.sync.rx.try_recv() {
             self.live_write(now, w);
         }
-        if let Some(l) = self.sync.live.take() {
-            self.end_live(now, l);
-        }
         self.break_live(now, "the epoch buffer went over budget");
+    }
+
+    /// Treats the target as unreachable: closes the connection (the session drops its
+    /// batches and catches up from the bitmap after the reconnection) and breaks sync.
+    pub(super) fn sync_disconnect(&mut self, now: Instant, reason: &str) {
+        if let Some((c, _)) = self.connection.take() {
+            c.close(3u32.into(), reason.as_bytes());
+        }
+        for (_, r) in self.resyncs.drain() {
+            r.task.abort();
+        }
+        self.session.disconnected(now, reason.to_string());
+        self.break_live(now, reason);
     }
 
     /// The target could not be reached, or the connection broke while not live: a sync
@@ -399,9 +420,12 @@ impl Driver {
     pub(super) fn sync_committed(&mut self, through: Epoch, upto_seq: Option<u64>, clear: Clear) {
         self.sync.acks.committed(through);
         if clear != Clear::Nothing {
-            // Clean after the commit: every write of the released epochs is at the target.
+            // Clean after the commit: every write of the released epochs is at the target;
+            // but a sync batch may have ended before its epoch closed (a switch to async): an
+            // open epoch is never covered.
             if let Some(u) = upto_seq {
-                self.sync.covered = self.sync.covered.max(u);
+                let closed = self.parts.capture.open_seq().saturating_sub(1);
+                self.sync.covered = self.sync.covered.max(u.min(closed));
             }
         }
         if clear == Clear::All {
@@ -436,19 +460,13 @@ impl Driver {
 
     /// The time-outs of waiting writes: `ack-timeout` (a disconnect), `block-timeout` (EIO).
     pub(super) fn sync_tick(&mut self, now: Instant) {
-        if self.sync.live.is_some() && self.sync.acks.overdue(now, self.opts.ack_timeout) {
+        if self.sync.acks.overdue(now, self.opts.ack_timeout) {
             let reason = format!(
                 "a sync write waited more than {:.1} s for the target (ack-timeout)",
                 self.opts.ack_timeout.as_secs_f64()
             );
-            if let Some((c, _)) = self.connection.take() {
-                c.close(3u32.into(), b"ack timeout");
-            }
-            for (_, r) in self.resyncs.drain() {
-                r.task.abort();
-            }
-            self.session.disconnected(now, reason.clone());
-            self.break_live(now, &reason);
+            // The policy answers or holds every waiting write: none is overdue after this.
+            self.sync_disconnect(now, &reason);
         }
         let n = self.sync.acks.expire(now, self.opts.block_timeout);
         if n > 0 {

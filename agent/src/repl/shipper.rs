@@ -8,7 +8,9 @@
 //! ```
 //! One task owns the session and executes its actions in order; connection, epoch streams and
 //! resync passes run in their own tasks and report back through one channel. Events of an
-//! older connection are ignored (each carries the connection number).
+//! older connection are ignored (each carries the connection number). In sync mode the capture
+//! also hands every write to this task at once, which streams it in the epoch's live sync batch
+//! and answers it when the target has it (`live.rs`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -364,7 +366,15 @@ pub fn spawn(
             let capture = d.parts.capture.clone();
             let sync_deadline = d.sync_deadline();
             tokio::select! {
-                Some(w) = d.sync.rx.recv() => d.live_write(Instant::now(), w),
+                Some(w) = d.sync.rx.recv() => {
+                    // The writes queued meanwhile too (their frames go out together).
+                    let now = Instant::now();
+                    d.live_write(now, w);
+                    for _ in 0..64 {
+                        let Ok(w) = d.sync.rx.try_recv() else { break };
+                        d.live_write(now, w);
+                    }
+                }
                 Some(ev) = events.recv() => d.event(ev),
                 _ = tokio::time::sleep_until(deadline.into()) => d.session.handle_timeout(Instant::now()),
                 _ = tokio::time::sleep_until(sync_deadline.unwrap_or(deadline).into()), if sync_deadline.is_some() => {
@@ -497,7 +507,7 @@ impl Driver {
             }
             Action::SetBuffering(on) => self.parts.capture.set_buffering(on),
             Action::DropEpochs => {
-                if self.sync.live.is_some() {
+                if self.sync.live.is_some() || !self.sync.seqs.is_empty() {
                     let reason = self.drop_reason();
                     self.break_live(Instant::now(), &reason);
                 }
@@ -506,7 +516,9 @@ impl Driver {
                 }
             }
             Action::DropEpoch { seq } => {
-                if self.sync.live.as_ref().is_some_and(|l| l.seq == seq) {
+                if self.sync.live.as_ref().is_some_and(|l| l.seq == seq)
+                    || self.sync.seqs.values().any(|&s| s == seq)
+                {
                     let reason = self.drop_reason();
                     self.break_live(Instant::now(), &reason);
                 }

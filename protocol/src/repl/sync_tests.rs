@@ -315,3 +315,34 @@ fn agent_forgets_sync_batches_at_a_disconnect_and_catches_up() {
     a.handle_control(later, TargetMsg::Durable { id: h.id, frames: 2 });
     assert!(agent_actions(&mut a).is_empty());
 }
+
+#[test]
+fn agent_sync_ready_and_a_quiet_live_batch_is_not_a_stall() {
+    let now = Instant::now();
+    let mut a = in_sync_agent(now);
+    assert!(a.sync_ready(), "in sync, nothing in flight");
+    // An epoch closed at the switch ships first; the next one goes live behind it.
+    a.epoch_closed(now, 9);
+    assert!(agent_actions(&mut a).iter().any(|x| matches!(x, agent::Action::SendEpoch { .. })));
+    assert!(a.sync_ready(), "the closed epoch is sent");
+    let h = a.sync_open(now, 10).expect("live");
+    a.sync_frame(h.id);
+    a.handle_control(now, TargetMsg::Durable { id: h.id, frames: 1 });
+    agent_actions(&mut a);
+    a.handle_control(now, TargetMsg::Committed { through: Epoch(h.id.0 - 1) });
+    agent_actions(&mut a);
+    // Minutes without a write: the open batch has nothing waiting, the session stays in sync.
+    let later = now + Duration::from_secs(120);
+    a.handle_timeout(later);
+    agent_actions(&mut a);
+    assert_eq!(a.state(), agent::State::InSync);
+    // A frame the target does not report durable is a stall after `stall_after`.
+    a.sync_frame(h.id);
+    a.handle_timeout(later + Duration::from_secs(1));
+    a.handle_timeout(later + Duration::from_secs(10));
+    agent_actions(&mut a);
+    assert_eq!(a.state(), agent::State::Behind);
+    // Not ready while disconnected.
+    a.disconnected(later, "gone".into());
+    assert!(!a.sync_ready());
+}

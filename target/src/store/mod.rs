@@ -804,6 +804,8 @@ impl ReplicaStore {
                 // The batches after it never follow it now (it may have been sealed short):
                 // forgotten, so that no later commit puts them on a shortened prefix.
                 self.pending.retain(|&b, _| b <= id);
+                // Their payloads held in memory are freed with them.
+                self.held = self.pending.values().chain(&self.to_apply).map(Batch::held).sum();
                 break;
             }
             cur = id;
