@@ -15,7 +15,7 @@
 //! - `set_mode_both_ways_under_load`: async -> sync -> async -> sync while a writer runs, then
 //!   the primary is lost: every write acknowledged in sync mode is at the target.
 //!
-//! Seeds are printed; `BLOCKFERRY_SYNC_SEED` replays one, `BLOCKFERRY_SYNC_ROUNDS` (default 3)
+//! Seeds are printed; `BLOCKFERRY_SYNC_SEED` replays one, `BLOCKFERRY_SYNC_ROUNDS` (default 2)
 //! sets the primary-loss rounds (the acceptance run used 50). Run with
 //! `cargo test --release -p blockferry-tests --test repl_sync -- --nocapture --test-threads=1`.
 
@@ -98,7 +98,7 @@ fn kill9_agent(pair: &mut Pair) {
 #[test]
 fn loss_of_the_primary() {
     let seed = seed();
-    let rounds = env_u64("BLOCKFERRY_SYNC_ROUNDS").unwrap_or(3);
+    let rounds = env_u64("BLOCKFERRY_SYNC_ROUNDS").unwrap_or(2);
     eprintln!(
         "loss_of_the_primary: seed {seed} (BLOCKFERRY_SYNC_SEED={seed} replays), {rounds} rounds"
     );
@@ -294,7 +294,7 @@ fn block_case(cut_how: Cut) {
     let cut = Instant::now();
     pair.wait_state("blocked", Duration::from_secs(15));
     let to_blocked = cut.elapsed();
-    thread::sleep(Duration::from_secs(5));
+    thread::sleep(Duration::from_secs(3));
     let st = pair.agent_status();
     pair.proxy().control(cut_how.off);
     let healed = Instant::now();

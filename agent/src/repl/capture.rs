@@ -569,7 +569,12 @@ impl Capture {
         let pieces =
             self.live_on.load(Ordering::Acquire).then(|| self.live_pieces(offset, end, Some(data)));
         if !self.buffering() {
-            let wait = self.send_live(&mut lock(&self.inner), pieces, offset, end, Some(data));
+            // In no epoch: the lock only if live sending looked on (a write that saw it off
+            // is ordered before the switch).
+            let wait = match pieces {
+                Some(p) => self.send_live(&mut lock(&self.inner), Some(p), offset, end, Some(data)),
+                None => None,
+            };
             self.mark_unbuffered(offset, data.len() as u64);
             return wait;
         }
@@ -623,7 +628,10 @@ impl Capture {
         let pieces =
             self.live_on.load(Ordering::Acquire).then(|| self.live_pieces(offset, end, None));
         if !self.buffering() {
-            let wait = self.send_live(&mut lock(&self.inner), pieces, offset, end, None);
+            let wait = match pieces {
+                Some(p) => self.send_live(&mut lock(&self.inner), Some(p), offset, end, None),
+                None => None,
+            };
             self.mark_unbuffered(offset, len);
             return wait;
         }
