@@ -270,25 +270,30 @@ fn block_case(cut_how: Cut) {
     // One write at a time, noting each answer.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Done>::new()));
-    let layout = StampLayout { run_id: seed() | 1, first: 0, blocks: 1024 };
-    let writer = {
-        let (stop, log) = (stop.clone(), log.clone());
-        let mut client = pair.nbd();
-        thread::spawn(move || {
-            let mut n = 0u64;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let i = n % layout.blocks;
-                let data = layout.block(i, n / layout.blocks + 1);
-                let sent = Instant::now();
-                let r = client
-                    .call(Request::new(CMD_WRITE, i * STAMP_BLOCK, STAMP_BLOCK as u32), &data)
-                    .expect("the NBD connection stays up");
-                log.lock().unwrap().push(Done { sent, answered: Instant::now(), ok: r.error == 0 });
-                n += 1;
-                thread::sleep(Duration::from_millis(5));
-            }
+    // Four connections (multi-conn), one write at a time each, on their own blocks.
+    let run_id = seed() | 1;
+    let writers: Vec<_> = (0..4u64)
+        .map(|k| {
+            let layout = StampLayout { run_id, first: k * 256, blocks: 256 };
+            let (stop, log) = (stop.clone(), log.clone());
+            let mut client = pair.nbd();
+            thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let i = layout.first + n % layout.blocks;
+                    let data = layout.block(i, n / layout.blocks + 1);
+                    let sent = Instant::now();
+                    let r = client
+                        .call(Request::new(CMD_WRITE, i * STAMP_BLOCK, STAMP_BLOCK as u32), &data)
+                        .expect("the NBD connection stays up");
+                    let done = Done { sent, answered: Instant::now(), ok: r.error == 0 };
+                    log.lock().unwrap().push(done);
+                    n += 1;
+                    thread::sleep(Duration::from_millis(5));
+                }
+            })
         })
-    };
+        .collect();
     thread::sleep(Duration::from_secs(1));
     pair.proxy().control(cut_how.on);
     let cut = Instant::now();
@@ -302,7 +307,9 @@ fn block_case(cut_how: Cut) {
     let to_in_sync = healed.elapsed();
     thread::sleep(Duration::from_secs(1));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    writer.join().expect("the writer thread");
+    for w in writers {
+        w.join().expect("a writer thread");
+    }
     let log = log.lock().unwrap().clone();
     // Sent after the cut (with a margin for answers on the way) and answered before healing:
     // none may succeed.
