@@ -14,6 +14,9 @@
 //! | `POST`   | `/v1/volumes/{vol}/bitmaps/{name}/clear`   | `BitmapInfo` (after the clear)  |
 //! | `GET`    | `/v1/volumes/{vol}/bitmaps/{name}/extents` | [`ExtentsView`]                 |
 //! | `GET`    | `/v1/volumes/{vol}/tracking`               | `TrackerStats`                  |
+//! | `GET`    | `/v1/status`                               | replication status              |
+//! | `POST`   | `/v1/volumes/{vol}/verify`                 | `VerifyReport`                  |
+//! | `POST`   | `/v1/volumes/{vol}/mode` `{"mode": ..}`    | [`ModeChange`] (sync or async)  |
 //!
 //! Errors are `{"error": "message"}` with a fitting status: 400 (bad name, bad JSON), 404 (no
 //! such route, volume or bitmap), 405 (with `Allow`), 409 (bitmap exists, change tracking off),
@@ -40,6 +43,7 @@ use tracing::{debug, info, warn};
 
 use crate::cbt::{BitmapInfo, ByteExtent, CbtError, Tracker};
 use crate::nbd::Server;
+pub use crate::repl::shipper::ModeChange;
 
 /// Where the agent listens and the CLI connects when no `--admin PATH` is given.
 pub const DEFAULT_SOCKET: &str = "/run/blockferry/agent.sock";
@@ -110,6 +114,14 @@ pub struct CreateBitmap {
     pub name: String,
 }
 
+/// The body of `POST /v1/volumes/{vol}/mode`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetMode {
+    /// `sync` or `async`.
+    pub mode: String,
+}
+
 /// The body of every error answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {
@@ -163,6 +175,7 @@ enum Route {
     Tracking { vol: String },
     Status,
     Verify { vol: String },
+    Mode { vol: String },
 }
 
 /// An error answer.
@@ -248,6 +261,8 @@ fn route(method: &Method, path: &str) -> Result<Route, ApiError> {
         (["status"], _) => Err(allowed("GET")),
         (["volumes", v, "verify"], &Method::POST) => Ok(Route::Verify { vol: s(v) }),
         (["volumes", _, "verify"], _) => Err(allowed("POST")),
+        (["volumes", v, "mode"], &Method::POST) => Ok(Route::Mode { vol: s(v) }),
+        (["volumes", _, "mode"], _) => Err(allowed("POST")),
         _ => Err(not_found()),
     }
 }
@@ -431,6 +446,27 @@ async fn dispatch(
             let report = rep.verify().await.map_err(|e| ApiError::new(StatusCode::CONFLICT, e))?;
             Ok(json(StatusCode::OK, &report))
         }
+        Route::Mode { vol } => {
+            let rep = state.volume(&vol)?.replicator.clone().ok_or_else(|| {
+                ApiError::new(StatusCode::CONFLICT, format!("volume {vol:?} does not replicate"))
+            })?;
+            let body = read_body(req).await?;
+            let bad = |what: String| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("{what}: expected {{\"mode\": \"sync\"}} or {{\"mode\": \"async\"}}"),
+                )
+            };
+            let SetMode { mode } = serde_json::from_slice(&body)
+                .map_err(|e| bad(format!("bad request body ({e})")))?;
+            let mode = match mode.as_str() {
+                "sync" => blockferry_protocol::repl::Mode::Sync,
+                "async" => blockferry_protocol::repl::Mode::Async,
+                m => return Err(bad(format!("unknown mode {m:?}"))),
+            };
+            let change = rep.set_mode(mode).await.map_err(ApiError::internal)?;
+            Ok(json(StatusCode::OK, &change))
+        }
     }
 }
 
@@ -503,6 +539,8 @@ mod tests {
             r(Method::GET, "/v1/volumes/a/tracking"),
             Ok(Route::Tracking { vol: "a".into() })
         );
+        assert_eq!(r(Method::POST, "/v1/volumes/a/mode"), Ok(Route::Mode { vol: "a".into() }));
+        assert_eq!(r(Method::GET, "/v1/volumes/a/mode").unwrap_err().allow, Some("POST"));
         let e = r(Method::PUT, "/v1/volumes/a/bitmaps/b").unwrap_err();
         assert_eq!((e.status, e.allow), (StatusCode::METHOD_NOT_ALLOWED, Some("GET, DELETE")));
         for p in ["/", "/v1", "/v2/volumes", "/v1/volumes/a/b", "/v1/volumes/a/bitmaps/b/c/d"] {

@@ -147,8 +147,8 @@ impl ReplicationConfig {
             crate::repl::shipper::ReplicationOptions::new(self.target, self.target_fingerprint);
         o.mode = match self.mode.as_str() {
             "async" => blockferry_protocol::repl::Mode::Async,
-            "sync" => return Err("mode = \"sync\" is not available yet: use \"async\"".into()),
-            m => return Err(format!("mode = {m:?}: use \"async\"")),
+            "sync" => blockferry_protocol::repl::Mode::Sync,
+            m => return Err(format!("mode = {m:?}: use \"sync\" or \"async\"")),
         };
         o.compression = blockferry_protocol::repl::Compression::parse(&self.compression)
             .ok_or_else(|| {

@@ -3,11 +3,14 @@
 //!
 //! ```text
 //!  agent ══QUIC══► connection task: control stream + uni streams ─► TargetSession
-//!                        ▲ Committed / Failed / Hashes             │ Begin/Data/End/Abort/Hash
+//!                        ▲ Committed / Durable / Failed / Hashes   │ Begin/Data/End/Abort/Hash
 //!                        └──────────── store thread (per volume) ◄─┘ journal, commit, apply
 //! ```
 //! The store thread takes commands in order and commits once its queue is empty (group commit:
-//! one fdatasync for every batch that ended meanwhile), then applies when idle.
+//! one fdatasync for every batch that ended meanwhile, and for the frames of the open sync
+//! batch, which it then reports `Durable`), then applies when idle. When the session ends it
+//! seals the open sync batches (their durable frames reach the replica) before the store is
+//! parked for the next session.
 //! One session per volume at a time: a second agent for the same volume is refused (Busy).
 
 use std::collections::HashMap;
@@ -81,6 +84,10 @@ pub struct VolumeStatus {
 /// what one read of the streams produced: up to about 1 MiB of frames).
 const STORE_QUEUE: usize = 32;
 
+/// The longest sync frames wait for their group commit while commands keep coming (when the
+/// queue runs dry they are synced at once).
+const SYNC_GROUP_MAX: Duration = Duration::from_millis(2);
+
 enum Cmd {
     Begin(BatchHeader),
     Data { id: Epoch, offset: u64, length: u32, data: Option<Bytes> },
@@ -93,6 +100,7 @@ enum Cmd {
 #[derive(Debug)]
 enum Reply {
     Committed(Epoch),
+    Durable { id: Epoch, frames: u32 },
     Failed { id: Epoch, code: FailCode, message: String },
     Hashes { id: u64, offset: u64, granularity: u32, hashes: Vec<[u8; 32]> },
     Fatal(String),
@@ -383,6 +391,7 @@ impl TargetServer {
                 },
                 Some(r) = replies.recv() => match r {
                     Reply::Committed(e) => session.committed(e),
+                    Reply::Durable { id, frames } => session.durable(id, frames),
                     Reply::Failed { id, code, message } => {
                         // Logged when the session sends the Failed message.
                         session.store_failed(id, blockferry_protocol::repl::BatchKind::Epoch, code, message);
@@ -633,19 +642,27 @@ fn store_thread(
     use std::sync::mpsc::RecvTimeoutError;
     // Since when a batch has ended without a commit (None: nothing to commit).
     let mut ended: Option<Instant> = None;
+    // Since when sync frames wait to be made durable (None: none).
+    let mut sync_since: Option<Instant> = None;
     let mut failed: Option<Epoch> = None;
     let mut last_refresh = Instant::now();
     let mut queue: std::collections::VecDeque<Cmd> = std::collections::VecDeque::new();
     loop {
         // Group commit: when the queue runs dry, or at the latest 50 ms after a batch ended
         // while data keeps streaming in.
-        let overdue = ended.is_some_and(|t| t.elapsed() >= Duration::from_millis(50));
+        // Sync frames wait at most SYNC_GROUP_MAX for their fdatasync while frames keep coming.
+        if sync_since.is_none() && store.sync_pending() {
+            sync_since = Some(Instant::now());
+        }
+        let overdue = ended.is_some_and(|t| t.elapsed() >= Duration::from_millis(50))
+            || sync_since.is_some_and(|t| t.elapsed() >= SYNC_GROUP_MAX);
+        let busy = ended.is_some() || sync_since.is_some();
         let cmd = if overdue {
             None
         } else if let Some(c) = queue.pop_front() {
             Some(c)
         } else {
-            match rx.recv_timeout(Duration::from_millis(if ended.is_some() { 0 } else { 200 })) {
+            match rx.recv_timeout(Duration::from_millis(if busy { 0 } else { 200 })) {
                 Ok(cs) => {
                     queue.extend(cs);
                     queue.pop_front()
@@ -707,8 +724,9 @@ fn store_thread(
                 }
             }
             None => {
-                // Idle: commit what ended, then apply.
-                if ended.take().is_some() {
+                // Idle: commit what ended, make the sync frames durable (one fdatasync for
+                // both when the commit already synced the journal) and say so, then apply.
+                let committed = if ended.take().is_some() {
                     match store.commit() {
                         Ok(Some(e)) => {
                             let _ = replies.send(Reply::Committed(e));
@@ -717,10 +735,20 @@ fn store_thread(
                         Ok(None) => Ok(()),
                         Err(e) => Err((None, e)),
                     }
-                    .and_then(|_| store.apply().map_err(|e| (None, e)))
                 } else {
-                    store.apply().map_err(|e| (None, e))
-                }
+                    Ok(())
+                };
+                committed
+                    .and_then(|()| {
+                        if sync_since.take().is_none() {
+                            return Ok(());
+                        }
+                        for (id, frames) in store.sync_durable().map_err(|e| (None, e))? {
+                            let _ = replies.send(Reply::Durable { id, frames });
+                        }
+                        Ok(())
+                    })
+                    .and_then(|()| store.apply().map_err(|e| (None, e)))
             }
         };
         if let Err((id, e)) = r {
@@ -753,7 +781,19 @@ fn store_thread(
             refresh(&mut slot.status.lock().unwrap_or_else(|e| e.into_inner()), &store);
         }
     }
-    // Session over: commit what is complete, apply, and park the store for the next session.
+    // Session over: seal the open sync batches (the agent may be gone for good: their
+    // durable frames must be in the replica), commit what is complete, apply, and park the
+    // store for the next session.
+    match store.seal() {
+        Ok(sealed) if !sealed.is_empty() => {
+            info!(volume = %slot.name, ?sealed, committed = %store.meta().committed,
+                "sealed the open sync batches at session end");
+        }
+        Ok(_) => {}
+        Err(e) => {
+            warn!(volume = %slot.name, "cannot seal the open sync batches at session end (recovery seals them at the next open): {e}")
+        }
+    }
     if let Ok(Some(e)) = store.commit() {
         debug!(volume = %slot.name, through = %e, "committed at session end");
     }

@@ -20,6 +20,17 @@
 //!    bitmap (invariant 2: the bitmap is a superset of what the replica lacks).
 //! 4. A resync's `through` boundary and an epoch's boundary agree when they name one epoch.
 //!
+//! Sync mode (`SimParams::sync`, issue 5): while the agent is in sync, the open epoch is a live
+//! sync batch and every write is one frame of it at once; the target group-commits at random
+//! moments and reports `Durable`. The target seals the open sync batches when a session ends
+//! (the agent vanished, the link broke, the agent restarted) and in recovery after a crash;
+//! a sealed batch's boundary is the source's image after its sealed prefix. Checked too:
+//! 5. Every frame the target reported durable is in the replica after every seal (session end,
+//!    crash recovery): its batch is committed with at least those frames, and the image is
+//!    the boundary after the sealed prefix.
+//! 6. Now and then a power cut is simulated on a copy of the target's disk (unsynced writes
+//!    dropped, kept or torn) and recovered there: the same holds.
+//!
 //! At the end the faults stop and the run must converge: in-sync, replica == source.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -85,6 +96,8 @@ pub struct SimParams {
     pub p_target_crash: u32,
     pub p_agent_restart: u32,
     pub p_duplicate: u32,
+    /// Sync mode: live sync batches while the agent is in sync.
+    pub sync: bool,
 }
 
 impl Default for SimParams {
@@ -97,6 +110,7 @@ impl Default for SimParams {
             p_target_crash: 2,
             p_agent_restart: 1,
             p_duplicate: 3,
+            sync: false,
         }
     }
 }
@@ -116,6 +130,24 @@ pub struct SimReport {
     pub duplicates: u64,
     pub corruptions: u64,
     pub checks: u64,
+    /// Sync mode: frames written live, `Durable` reports, seals that kept frames, and checks
+    /// of the durable frames after a (real or simulated) crash.
+    pub sync_frames: u64,
+    pub durable_reports: u64,
+    pub seals: u64,
+    pub durable_checks: u64,
+    /// Steps of the faulty phase with the agent in sync, and with a live sync batch open.
+    pub in_sync_steps: u64,
+    pub live_steps: u64,
+}
+
+/// The open live sync batch (sync mode).
+#[derive(Debug)]
+struct Live {
+    id: Epoch,
+    seq: u64,
+    stream: u64,
+    writer: BatchWriter,
 }
 
 pub struct Sim {
@@ -158,6 +190,12 @@ pub struct Sim {
     trace: bool,
     /// Inject byte damage into data streams (during the faulty phase).
     corrupt: bool,
+    // Sync mode.
+    live: Option<Live>,
+    /// The source's image after each prefix of every sync batch (index: frames).
+    sync_snaps: HashMap<Epoch, Vec<Vec<u64>>>,
+    /// The most frames of each sync batch the target reported durable.
+    durable: BTreeMap<Epoch, u32>,
 }
 
 impl Sim {
@@ -203,6 +241,9 @@ impl Sim {
             report: SimReport::default(),
             trace: std::env::var_os("BLOCKFERRY_SIM_TRACE").is_some(),
             corrupt: true,
+            live: None,
+            sync_snaps: HashMap::new(),
+            durable: BTreeMap::new(),
         };
         s.snapshots.insert(Epoch::ZERO, s.source.clone());
         s
@@ -237,6 +278,12 @@ impl Sim {
     pub fn run(mut self) -> Result<SimReport, String> {
         for step in 0..self.p.steps {
             self.step(true).map_err(|e| format!("step {step}: {e}"))?;
+            if self.agent.state() == agent::State::InSync {
+                self.report.in_sync_steps += 1;
+            }
+            if self.live.is_some() {
+                self.report.live_steps += 1;
+            }
         }
         self.report.commits_under_faults = self.report.commits;
         self.corrupt = false;
@@ -296,6 +343,15 @@ impl Sim {
         let n = (1 + self.rng.below(4)).min(self.p.blocks - first);
         let zero = self.chance(100);
         self.report.writes += 1;
+        if let Some(id) = self.live.as_ref().map(|l| l.id) {
+            match self.agent.sync_frame(id) {
+                Some(seq) => return self.write_live(id, seq, first, n, zero),
+                None => {
+                    // The batch is gone (a disconnect): the write is only in the bitmap.
+                    self.live = None;
+                }
+            }
+        }
         for b in first..first + n {
             let stamp = if zero {
                 0
@@ -316,6 +372,7 @@ impl Sim {
         }
         let held: usize =
             self.open.len() + self.closed.values().map(|c| c.blocks.len()).sum::<usize>();
+        // (A live sync epoch buffers nothing: it never overflows; this write was not live.)
         if self.buffering && held > self.p.budget_blocks {
             // The capture drops the open epoch and stops buffering; the agent is told.
             for b in std::mem::take(&mut self.open).into_keys() {
@@ -324,6 +381,98 @@ impl Sim {
             self.buffering = false;
             self.overflow_pending = true;
         }
+    }
+
+    /// A write in sync mode: one frame of the live batch, sent at once (frame `seq`).
+    fn write_live(&mut self, id: Epoch, seq: u32, first: u64, n: u64, zero: bool) {
+        let mut data = Vec::with_capacity((n * BS) as usize);
+        for b in first..first + n {
+            let stamp = if zero {
+                0
+            } else {
+                self.next_stamp += 1;
+                self.next_stamp
+            };
+            self.source[b as usize] = stamp;
+            self.bitmap.insert(b);
+            self.open.insert(b, stamp);
+            data.extend_from_slice(&block_bytes(stamp));
+        }
+        if self.trace {
+            eprintln!("sync write {id} frame {seq}: blocks {first}..{}", first + n);
+        }
+        self.report.sync_frames += 1;
+        self.sync_snaps.entry(id).or_default().push(self.source.clone());
+        let Some(l) = self.live.as_mut() else { return };
+        let data = Bytes::from(data);
+        let crc = crc32c::crc32c(&data);
+        let f = l.writer.data(first * BS, data, crc, Compression::Lz4);
+        debug_assert_eq!(f.seq, seq);
+        let mut out = BytesMut::new();
+        Frame::Data(f).encode(&mut out);
+        let stream = l.stream;
+        if let Some(s) = self.streams.get_mut(&stream) {
+            let b = out.freeze();
+            s.bytes.push_back(b.clone());
+            s.all.push(b);
+        }
+    }
+
+    /// Sync mode: the epoch just opened becomes a live sync batch if the agent is in sync.
+    fn open_live(&mut self) -> Result<(), String> {
+        if !self.p.sync || self.live.is_some() || self.conn.is_none() {
+            return Ok(());
+        }
+        let seq = self.open_seq + 1;
+        let Some(h) = self.agent.sync_open(self.now, seq) else { return Ok(()) };
+        self.open_seq = seq;
+        if !self.open.is_empty() {
+            return Err(format!("live batch {} opened on an epoch with writes", h.id));
+        }
+        if let Some(base) = self.snapshots.get(&h.base) {
+            if *base != self.source {
+                return Err(format!(
+                    "live batch {} on base {} whose boundary is not the source",
+                    h.id, h.base
+                ));
+            }
+        }
+        let mut out = BytesMut::new();
+        h.encode(&mut out);
+        let stream = self.open_stream(out.freeze(), false);
+        self.sync_snaps.insert(h.id, vec![self.source.clone()]);
+        self.live = Some(Live { id: h.id, seq, stream, writer: BatchWriter::new() });
+        Ok(())
+    }
+
+    /// Sync mode: the live batch's epoch closes: its `End`.
+    fn close_live(&mut self, l: Live) -> Result<(), String> {
+        self.closed.insert(l.seq, Closed { blocks: std::mem::take(&mut self.open) });
+        let frames = self
+            .agent
+            .sync_end(self.now, l.id)
+            .ok_or_else(|| format!("live batch {} unknown to the session", l.id))?;
+        let end = l.writer.end(l.id);
+        if end.frames != frames {
+            return Err(format!(
+                "live batch {}: {} frames written, session says {frames}",
+                l.id, end.frames
+            ));
+        }
+        if let Some(old) = self.snapshots.insert(l.id, self.source.clone()) {
+            if old != self.source {
+                return Err(format!("sync batch {} names two different boundaries", l.id));
+            }
+        }
+        let mut out = BytesMut::new();
+        Frame::End(end).encode(&mut out);
+        if let Some(s) = self.streams.get_mut(&l.stream) {
+            let b = out.freeze();
+            s.bytes.push_back(b.clone());
+            s.all.push(b);
+            s.finished = true;
+        }
+        Ok(())
     }
 
     fn close_epoch(&mut self) -> Option<u64> {
@@ -356,16 +505,22 @@ impl Sim {
                     self.tsession = Some(TargetSession::new(TargetConfig::default()));
                     self.agent.connected(self.now);
                 }
-                agent::Action::Disconnect { reason } => self.drop_connection(&reason),
+                agent::Action::Disconnect { reason } => self.drop_connection(&reason)?,
                 agent::Action::Send(m) => {
                     let mut b = BytesMut::new();
                     msg::encode(&m, &mut b);
                     self.up.push_back(b.freeze());
                 }
-                agent::Action::CloseEpoch => match self.close_epoch() {
-                    Some(seq) => self.agent.epoch_closed(self.now, seq),
-                    None => self.agent.epoch_empty(self.now),
-                },
+                agent::Action::CloseEpoch => {
+                    match self.live.take() {
+                        Some(l) => self.close_live(l)?,
+                        None => match self.close_epoch() {
+                            Some(seq) => self.agent.epoch_closed(self.now, seq),
+                            None => self.agent.epoch_empty(self.now),
+                        },
+                    }
+                    self.open_live()?;
+                }
                 agent::Action::SendEpoch { seq, id, base } => {
                     let snap =
                         self.seq_snapshots.get(&seq).cloned().ok_or("epoch without snapshot")?;
@@ -450,9 +605,13 @@ impl Sim {
                         self.open.clear();
                     }
                 }
-                agent::Action::DropEpochs => self.closed.clear(),
+                agent::Action::DropEpochs => {
+                    self.closed.clear();
+                    self.drop_live(None);
+                }
                 agent::Action::DropEpoch { seq } => {
                     self.closed.remove(&seq);
+                    self.drop_live(Some(seq));
                 }
                 agent::Action::Committed { through, upto_seq, clear } => {
                     let released: Vec<Closed> = match upto_seq {
@@ -479,9 +638,26 @@ impl Sim {
                 agent::Action::Stopped { code, message } => {
                     return Err(format!("agent stopped: {code:?}: {message}"));
                 }
+                agent::Action::Durable { id, frames } => {
+                    if self.durable.get(&id).is_none_or(|&d| d < frames) {
+                        return Err(format!(
+                            "agent reports {frames} frames of {id} durable, the target said {:?}",
+                            self.durable.get(&id)
+                        ));
+                    }
+                }
             }
         }
         Ok(())
+    }
+
+    /// The session dropped the live batch (`seq`, or every epoch): its writes are in the
+    /// bitmap only.
+    fn drop_live(&mut self, seq: Option<u64>) {
+        if self.live.as_ref().is_some_and(|l| seq.is_none_or(|s| s == l.seq)) {
+            self.live = None;
+            self.open.clear();
+        }
     }
 
     fn open_stream(&mut self, first: Bytes, finished: bool) -> u64 {
@@ -540,17 +716,67 @@ impl Sim {
 
     // ---- network ------------------------------------------------------------------------
 
-    fn drop_connection(&mut self, reason: &str) {
+    fn drop_connection(&mut self, reason: &str) -> Result<(), String> {
         if self.conn.take().is_some() {
             self.up.clear();
             self.down.clear();
             self.streams.clear();
             self.readers.clear();
             if let Some(_t) = self.tsession.take() {
-                // The target forgets the session's uncommitted batches at the next hello.
+                // The session is over (as the server's store thread ends): the open sync
+                // batches are sealed; the other uncommitted batches are forgotten at the next
+                // hello.
+                let sealed = self.store.seal().map_err(|e| format!("seal: {e}"))?;
+                self.sealed(&sealed)?;
             }
             self.agent.disconnected(self.now, reason.to_string());
         }
+        Ok(())
+    }
+
+    /// The store sealed `sealed` (id, frames): their boundaries are the sealed prefixes; every
+    /// frame reported durable must be committed now (invariant 5).
+    fn sealed(&mut self, sealed: &[(Epoch, u32)]) -> Result<(), String> {
+        for &(id, frames) in sealed {
+            if self.trace {
+                eprintln!("sealed {id} after {frames} frames");
+            }
+            let snap = self
+                .sync_snaps
+                .get(&id)
+                .and_then(|v| v.get(frames as usize))
+                .ok_or_else(|| format!("sealed {id} after {frames} frames: no such prefix"))?;
+            self.snapshots.insert(id, snap.clone());
+            self.report.seals += 1;
+        }
+        let c = self.store.meta().committed;
+        self.acked = self.acked.max(c);
+        Self::check_durable(&self.durable, c, sealed)?;
+        self.report.durable_checks += 1;
+        Ok(())
+    }
+
+    /// Invariant 5 at committed `c` after a seal that sealed `sealed`.
+    fn check_durable(
+        durable: &BTreeMap<Epoch, u32>,
+        c: Epoch,
+        sealed: &[(Epoch, u32)],
+    ) -> Result<(), String> {
+        for (&id, &f) in durable {
+            if c < id {
+                return Err(format!(
+                    "{f} frames of sync batch {id} were reported durable, the replica is at {c} after the seal"
+                ));
+            }
+            if let Some(&(_, got)) = sealed.iter().find(|(s, _)| *s == id) {
+                if got < f {
+                    return Err(format!(
+                        "sync batch {id} sealed after {got} frames, {f} were reported durable"
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     fn deliver(&mut self) -> Result<(), String> {
@@ -647,7 +873,7 @@ impl Sim {
         }
         if self.chance(p.p_disconnect * 10) && self.conn.is_some() {
             self.report.disconnects += 1;
-            self.drop_connection("simulated connection loss");
+            self.drop_connection("simulated connection loss")?;
         } else if self.chance(p.p_target_crash * 10) {
             self.report.target_crashes += 1;
             let seed = self.rng.next_u64();
@@ -662,7 +888,11 @@ impl Sim {
             )
             .map_err(|e| format!("reopen after crash: {e}"))?;
             self.ended = false;
-            self.drop_connection("target crashed");
+            // The crashed target's session is gone with it (no seal: recovery did it).
+            self.tsession = None;
+            self.drop_connection("target crashed")?;
+            let sealed = self.store.recovery_sealed().to_vec();
+            self.sealed(&sealed)?;
             if self.store.meta().committed < self.acked {
                 return Err(format!(
                     "target lost an acknowledged commit: recovered {} < acknowledged {}",
@@ -673,7 +903,8 @@ impl Sim {
             self.check_image()?;
         } else if self.chance(p.p_agent_restart * 10) {
             self.report.agent_restarts += 1;
-            self.drop_connection("agent restarted");
+            self.drop_connection("agent restarted")?;
+            self.live = None;
             self.open.clear();
             self.closed.clear();
             self.buffering = false;
@@ -723,6 +954,11 @@ impl Sim {
             }
             match a {
                 target::Action::Send(m) => {
+                    if let TargetMsg::Durable { id, frames } = m {
+                        let d = self.durable.entry(id).or_default();
+                        *d = (*d).max(frames);
+                        self.report.durable_reports += 1;
+                    }
                     let mut b = BytesMut::new();
                     msg::encode(&m, &mut b);
                     self.down.push_back(b.freeze());
@@ -785,7 +1021,7 @@ impl Sim {
                         return Err(format!("target closed the session: {reason}"));
                     }
                     // A damaged batch header: the target closes the connection.
-                    self.drop_connection(&reason);
+                    self.drop_connection(&reason)?;
                     return Ok(());
                 }
             }
@@ -793,6 +1029,74 @@ impl Sim {
     }
 
     fn commit(&mut self) -> Result<(), String> {
+        // The store thread's group commit: sync frames made durable (before or after the
+        // commit of what ended: the store's answers must hold either way).
+        let durable_first = self.rng.below(2) == 0;
+        if durable_first {
+            self.sync_durable()?;
+        }
+        self.commit_ended()?;
+        if !durable_first {
+            self.sync_durable()?;
+        }
+        if self.rng.below(2) == 0 {
+            self.store.apply().map_err(|e| e.to_string())?;
+        }
+        if self.p.sync && self.rng.below(32) == 0 {
+            self.power_cut_copy()?;
+        }
+        Ok(())
+    }
+
+    fn sync_durable(&mut self) -> Result<(), String> {
+        if !self.store.sync_pending() {
+            return Ok(());
+        }
+        for (id, frames) in self.store.sync_durable().map_err(|e| e.to_string())? {
+            if let Some(t) = &mut self.tsession {
+                t.durable(id, frames);
+            }
+        }
+        Ok(())
+    }
+
+    /// Invariant 6: a power cut on a copy of the target's disk, recovered there: every frame
+    /// reported durable is in the recovered replica, which is at a boundary.
+    fn power_cut_copy(&mut self) -> Result<(), String> {
+        let seed = self.rng.next_u64();
+        let copy = Arc::new(self.storage.crash_seeded(seed));
+        let s = ReplicaStore::open(copy, self.uuid, "sim", self.geometry, self.generation)
+            .map_err(|e| format!("recovery of a power-cut copy: {e}"))?;
+        let c = s.meta().committed;
+        if c < self.acked {
+            return Err(format!("power-cut copy recovered {c} < acknowledged {}", self.acked));
+        }
+        let sealed = s.recovery_sealed().to_vec();
+        Self::check_durable(&self.durable, c, &sealed)
+            .map_err(|e| format!("power-cut copy: {e}"))?;
+        let want = match sealed.iter().find(|(id, _)| *id == c) {
+            Some(&(id, frames)) => self.sync_snaps.get(&id).and_then(|v| v.get(frames as usize)),
+            None => self.snapshots.get(&c),
+        };
+        if c > Epoch::ZERO {
+            let want = want.ok_or_else(|| format!("power-cut copy at {c}: no such boundary"))?;
+            let mut buf = vec![0u8; BS as usize];
+            for b in 0..self.p.blocks {
+                s.read(b * BS, &mut buf).map_err(|e| e.to_string())?;
+                let got = u64::from_le_bytes(buf[..8].try_into().unwrap_or_default());
+                if got != want[b as usize] {
+                    return Err(format!(
+                        "power-cut copy: block {b} holds stamp {got}, boundary {c} says {}",
+                        want[b as usize]
+                    ));
+                }
+            }
+        }
+        self.report.durable_checks += 1;
+        Ok(())
+    }
+
+    fn commit_ended(&mut self) -> Result<(), String> {
         if self.ended {
             self.ended = false;
             if let Some(e) = self.store.commit().map_err(|e| e.to_string())? {
@@ -808,9 +1112,6 @@ impl Sim {
                     t.committed(e);
                 }
             }
-        }
-        if self.rng.below(2) == 0 {
-            self.store.apply().map_err(|e| e.to_string())?;
         }
         Ok(())
     }
@@ -884,14 +1185,27 @@ mod tests {
         }
     }
 
-    /// Thousands of seeded runs; a failure names its seed (replay with BLOCKFERRY_SIM_SEED).
-    #[test]
-    fn simulation_seeds() {
+    fn run_seeds(sync: bool) -> SimReport {
         let (first, n) = seeds();
         let mut total = SimReport::default();
         for seed in first..first + n {
-            let r = Sim::new(seed, SimParams::default()).run().unwrap_or_else(|e| {
-                panic!("seed {seed}: {e} (replay: BLOCKFERRY_SIM_SEED={seed})")
+            let p = if sync {
+                // Fewer faults, so that the agent spends time in sync (live batches) between
+                // them; every fault still happens in most runs.
+                SimParams {
+                    sync,
+                    p_disconnect: 1,
+                    p_target_crash: 1,
+                    p_agent_restart: 1,
+                    p_duplicate: 1,
+                    budget_blocks: 400,
+                    ..SimParams::default()
+                }
+            } else {
+                SimParams::default()
+            };
+            let r = Sim::new(seed, p).run().unwrap_or_else(|e| {
+                panic!("seed {seed} (sync {sync}): {e} (replay: BLOCKFERRY_SIM_SEED={seed})")
             });
             total.writes += r.writes;
             total.commits += r.commits;
@@ -904,7 +1218,30 @@ mod tests {
             total.duplicates += r.duplicates;
             total.corruptions += r.corruptions;
             total.checks += r.checks;
+            total.sync_frames += r.sync_frames;
+            total.durable_reports += r.durable_reports;
+            total.seals += r.seals;
+            total.durable_checks += r.durable_checks;
+            total.in_sync_steps += r.in_sync_steps;
+            total.live_steps += r.live_steps;
         }
-        println!("simulation: {n} seeds from {first}: {total:?}");
+        println!("simulation (sync {sync}): {n} seeds from {first}: {total:?}");
+        total
+    }
+
+    /// Thousands of seeded runs; a failure names its seed (replay with BLOCKFERRY_SIM_SEED).
+    #[test]
+    fn simulation_seeds() {
+        run_seeds(false);
+    }
+
+    /// The same seeds in sync mode: live sync batches, Durable, seals (invariants 5 and 6).
+    #[test]
+    fn simulation_seeds_sync() {
+        let t = run_seeds(true);
+        let (_, n) = seeds();
+        if n >= 50 {
+            assert!(t.sync_frames > 0 && t.durable_reports > 0 && t.seals > 0, "{t:?}");
+        }
     }
 }

@@ -68,6 +68,8 @@ pub struct PairOpts {
     pub name: String,
     /// `--epoch-interval-ms` of the agent; `None`: its default (1 s).
     pub epoch_interval_ms: Option<u64>,
+    /// `--mode` of the agent: `async` (default) or `sync`.
+    pub mode: String,
     /// More agent arguments (`--compression off`, `--budget 8M`, `--bandwidth 12M`, ...).
     pub agent_extra: Vec<String>,
     /// Environment of the agent (e.g. `RUST_LOG`, `BLOCKFERRY_FAILPOINTS`).
@@ -89,6 +91,7 @@ impl Default for PairOpts {
             block_size: "4K".into(),
             name: "vol".into(),
             epoch_interval_ms: None,
+            mode: "async".into(),
             agent_extra: Vec::new(),
             agent_env: Vec::new(),
             target_extra: Vec::new(),
@@ -185,7 +188,7 @@ impl Pair {
             "--target-fingerprint".into(),
             pinned_fp.clone(),
             "--mode".into(),
-            "async".into(),
+            opts.mode.clone(),
         ];
         if let Some(ms) = opts.epoch_interval_ms {
             cfg.extra.extend(["--epoch-interval-ms".into(), ms.to_string()]);

@@ -18,6 +18,7 @@ mod client;
 mod demo;
 mod impair;
 mod keygen;
+mod setmode;
 mod status;
 mod target;
 mod verify;
@@ -103,7 +104,8 @@ struct AgentArgs {
     /// The target certificate's fingerprint (sha256:...), printed by its `blockferry keygen`.
     #[arg(long, value_name = "FP", requires = "target")]
     target_fingerprint: Option<String>,
-    /// Replication mode of the --volume volumes: async.
+    /// Replication mode of the --volume volumes: async or sync (every write waits for the
+    /// target; see --on-disconnect).
     #[arg(long, default_value = "async", requires = "target")]
     mode: String,
     /// Compression of replicated blocks: lz4, zstd, zstd:LEVEL or off.
@@ -216,6 +218,9 @@ enum VolumeCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Switch a running agent's volume between sync and async replication (through its admin
+    /// socket): to sync it reports "syncing" until the replica is current; to async at once.
+    SetMode(setmode::SetModeArgs),
 }
 
 /// Logs go to stderr (stdout carries the one "listening on" line); RUST_LOG filters them.
@@ -385,6 +390,7 @@ fn main() -> Result<()> {
             let v = Volume::create(&dir, size, block_size, name.as_deref())?;
             print!("created volume\n{}", v.describe());
         }
+        Command::Volume(VolumeCmd::SetMode(args)) => setmode::run(args)?,
         Command::Volume(VolumeCmd::Info { dir, json }) => {
             let v = Volume::open(&dir)?;
             if json {

@@ -155,9 +155,14 @@ fn agent_table(volumes: &[Value]) -> String {
                 .and_then(Value::as_f64)
                 .filter(|r| *r > 0.0)
                 .map_or("-".into(), |r| format!("{r:.2}x"));
+            // Sync volumes show their policy: `sync/degrade`, `sync/block`.
+            let mode = match (str_of(v, "mode"), v.get("on_disconnect").and_then(Value::as_str)) {
+                ("sync", Some(p)) => format!("sync/{p}"),
+                (m, _) => m.to_string(),
+            };
             let cells = vec![
                 str_of(v, "volume").to_string(),
-                str_of(v, "mode").to_string(),
+                mode,
                 str_of(v, "state").to_string(),
                 lag,
                 rpo,
@@ -166,6 +171,18 @@ fn agent_table(volumes: &[Value]) -> String {
                 ratio,
             ];
             let mut extra = Vec::new();
+            if str_of(v, "mode") == "sync" {
+                let waiting = u64_of(v, "sync_waiting").unwrap_or(0);
+                let failed = u64_of(v, "sync_failed").unwrap_or(0);
+                if waiting > 0 || failed > 0 {
+                    extra.push(format!(
+                        "sync writes: {waiting} waiting for the target, {failed} failed (EIO)"
+                    ));
+                }
+                if let Some(r) = v.get("reason").and_then(Value::as_str) {
+                    extra.push(format!("{}: {r}", str_of(v, "state")));
+                }
+            }
             if let Some(r) = v.get("resync").filter(|r| r.is_object()) {
                 extra.push(resync_line(v, r));
             }
@@ -315,15 +332,22 @@ mod tests {
              "throughput_bps": 0.0, "compression_ratio": 0.0, "resync": null,
              "verify": {"done_bytes": 1073741824u64, "total_bytes": 4294967296u64},
              "last_error": "target unreachable"},
+            {"volume": "log", "mode": "sync", "on_disconnect": "block", "state": "blocked",
+             "reason": "connection lost", "sync_waiting": 3, "sync_failed": 1, "lag_bytes": 8192,
+             "lag_epochs": 0, "rpo_seconds": 4.0, "last_committed_epoch": 5,
+             "throughput_bps": 0.0, "compression_ratio": 1.0, "resync": null, "last_error": null},
         ]});
         assert_eq!(
             render(&s).unwrap(),
-            "VOLUME  MODE   STATE         LAG             RPO   COMMITTED  THROUGHPUT  RATIO\n\
-             vm1     async  initial-sync  2.3 GiB         -     0          12 MiB/s    1.50x\n\
+            "VOLUME  MODE        STATE         LAG             RPO   COMMITTED  THROUGHPUT  RATIO\n\
+             vm1     async       initial-sync  2.3 GiB         -     0          12 MiB/s    1.50x\n\
              \x20 initial-sync 42% 1.7 GiB of 4.0 GiB, 12 MiB/s\n\
-             db      async  replicating   4.0 KiB (1 ep)  2.5s  17         0 B/s       -\n\
+             db      async       replicating   4.0 KiB (1 ep)  2.5s  17         0 B/s       -\n\
              \x20 verify 25% 1.0 GiB of 4.0 GiB\n\
-             \x20 last error: target unreachable\n"
+             \x20 last error: target unreachable\n\
+             log     sync/block  blocked       8.0 KiB         4.0s  5          0 B/s       1.00x\n\
+             \x20 sync writes: 3 waiting for the target, 1 failed (EIO)\n\
+             \x20 blocked: connection lost\n"
         );
     }
 

@@ -394,6 +394,30 @@ impl Capture {
     /// the returned epoch, writes begun after it in a later one.
     pub fn close_epoch(&self) -> Option<ClosedEpoch> {
         let mut inner = lock(&self.inner);
+        self.close_locked(&mut inner)
+    }
+
+    /// [`Capture::close_epoch`] and [`Capture::set_live`] at once (under one lock): every write
+    /// recorded before the call is in the returned epoch and sent live or not as before; every
+    /// write recorded after it is in the next epoch and sent live if `live` is `Some`. Also
+    /// returns the sequence number the open epoch will get (its writes' [`LiveWrite::epoch`]).
+    pub fn close_epoch_live(
+        &self,
+        live: Option<mpsc::UnboundedSender<LiveWrite>>,
+    ) -> (Option<ClosedEpoch>, u64) {
+        let mut inner = lock(&self.inner);
+        let closed = self.close_locked(&mut inner);
+        self.live_on.store(live.is_some(), Ordering::Release);
+        inner.live = live;
+        (closed, inner.next_seq)
+    }
+
+    /// The sequence number the open epoch will get when it closes.
+    pub fn open_seq(&self) -> u64 {
+        lock(&self.inner).next_seq
+    }
+
+    fn close_locked(&self, inner: &mut Inner) -> Option<ClosedEpoch> {
         if inner.open.is_empty() && !inner.live_in_open {
             return None;
         }
@@ -541,12 +565,16 @@ impl Capture {
             return None;
         }
         let data = &data[..(end - offset) as usize];
-        let wait = if self.live_on.load(Ordering::Acquire) {
-            self.send_live(offset, end, Some(data))
-        } else {
-            None
-        };
+        // The live pieces are made before the lock (the lock decides whether they are sent).
+        let pieces =
+            self.live_on.load(Ordering::Acquire).then(|| self.live_pieces(offset, end, Some(data)));
         if !self.buffering() {
+            // In no epoch: the lock only if live sending looked on (a write that saw it off
+            // is ordered before the switch).
+            let wait = match pieces {
+                Some(p) => self.send_live(&mut lock(&self.inner), Some(p), offset, end, Some(data)),
+                None => None,
+            };
             self.mark_unbuffered(offset, data.len() as u64);
             return wait;
         }
@@ -566,6 +594,9 @@ impl Capture {
             }
         }
         let mut inner = lock(&self.inner);
+        // Sent live and buffered under one lock: a write is in the epoch it is sent live with
+        // (a close or a switch of live sending in between would part them).
+        let wait = self.send_live(&mut inner, pieces, offset, end, Some(data));
         if !inner.buffering {
             drop(inner);
             self.mark_unbuffered(offset, end - offset);
@@ -594,12 +625,13 @@ impl Capture {
         if offset >= end {
             return None;
         }
-        let wait = if self.live_on.load(Ordering::Acquire) {
-            self.send_live(offset, end, None)
-        } else {
-            None
-        };
+        let pieces =
+            self.live_on.load(Ordering::Acquire).then(|| self.live_pieces(offset, end, None));
         if !self.buffering() {
+            let wait = match pieces {
+                Some(p) => self.send_live(&mut lock(&self.inner), Some(p), offset, end, None),
+                None => None,
+            };
             self.mark_unbuffered(offset, len);
             return wait;
         }
@@ -609,6 +641,7 @@ impl Capture {
         let ze = if end == self.size { end.div_ceil(bs) } else { end / bs };
         let (first, last) = (offset >> self.shift, (end - 1) >> self.shift);
         let mut inner = lock(&self.inner);
+        let wait = self.send_live(&mut inner, pieces, offset, end, None);
         if !inner.buffering {
             drop(inner);
             self.mark_unbuffered(offset, end - offset);
@@ -648,11 +681,32 @@ impl Capture {
         self.live_on.load(Ordering::Acquire)
     }
 
-    /// Sends the completed write or zeroing (`data: None`) of `[offset, end)` live, under the
-    /// lock that orders it with epoch closes. Whole blocks travel as they are; a partial head
-    /// or tail block is sent as "read it from the image" (the shipper reads the block after
-    /// this write completed, so it holds this write).
-    fn send_live(&self, offset: u64, end: u64, data: Option<&[u8]>) -> Option<SyncWait> {
+    /// Sends the completed write or zeroing (`data: None`) of `[offset, end)` live if live
+    /// sending is on, under the lock that orders it with epoch closes (the caller buffers it
+    /// under the same lock). `pieces`: made before the lock, if it looked on then.
+    fn send_live(
+        &self,
+        inner: &mut Inner,
+        pieces: Option<Vec<LivePiece>>,
+        offset: u64,
+        end: u64,
+        data: Option<&[u8]>,
+    ) -> Option<SyncWait> {
+        let epoch = inner.next_seq;
+        let tx = inner.live.as_ref()?;
+        let pieces = pieces.unwrap_or_else(|| self.live_pieces(offset, end, data));
+        let (done, wait) = oneshot::channel();
+        if tx.send(LiveWrite { epoch, pieces, done }).is_err() {
+            return None;
+        }
+        inner.live_in_open = true;
+        Some(SyncWait(wait))
+    }
+
+    /// The pieces of a live write or zeroing (`data: None`) of `[offset, end)`. Whole blocks
+    /// travel as they are; a partial head or tail block is sent as "read it from the image"
+    /// (the shipper reads the block after this write completed, so it holds this write).
+    fn live_pieces(&self, offset: u64, end: u64, data: Option<&[u8]>) -> Vec<LivePiece> {
         let bs = u64::from(self.block_size);
         // Whole blocks [wf, we) by byte offsets; the last block of the volume is whole when
         // `end` is the end.
@@ -687,15 +741,7 @@ impl Capture {
             }
         }
         pieces.sort_by_key(|p| p.offset);
-        let (done, wait) = oneshot::channel();
-        let mut inner = lock(&self.inner);
-        let epoch = inner.next_seq;
-        let tx = inner.live.as_ref()?;
-        if tx.send(LiveWrite { epoch, pieces, done }).is_err() {
-            return None;
-        }
-        inner.live_in_open = true;
-        Some(SyncWait(wait))
+        pieces
     }
 
     /// Applies a partial write (`Some(bytes)`) or zeroing (`None`) of bytes `[from, to)` of
@@ -1475,5 +1521,33 @@ mod tests {
         c.set_live(None);
         assert!(begin(&c, 0, BS).data(&[3u8; BS as usize]).is_none());
         assert!(rx.try_recv().is_err());
+    }
+
+    #[test]
+    fn live_sending_switches_with_the_epoch_close() {
+        let c = on(64 * BS, 1 << 20);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        // Before: buffered, not live.
+        assert!(begin(&c, 0, BS).data(&[1u8; BS as usize]).is_none());
+        let (e, next) = c.close_epoch_live(Some(tx));
+        assert_eq!((e.map(|e| e.seq), next, c.open_seq()), (Some(1), 2, 2));
+        // After: live and buffered in the same epoch, the one the write is tagged with.
+        let _w = begin(&c, BS, BS).data(&[2u8; BS as usize]).expect("live");
+        assert_eq!(rx.try_recv().unwrap().epoch, 2);
+        // Switching off at the next close: the epoch with the live write closes; the write
+        // after it is neither live nor in it.
+        let (e, next) = c.close_epoch_live(None);
+        let e = e.expect("an epoch with a live write");
+        assert_eq!((e.seq, e.block_count(), next), (2, 1, 3));
+        assert!(begin(&c, 2 * BS, BS).data(&[3u8; BS as usize]).is_none());
+        assert!(rx.try_recv().is_err());
+        assert_eq!(c.close_epoch().map(|e| (e.seq, e.block_count())), Some((3, 1)));
+        // An empty epoch does not close (no number used); live sending still switches.
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (e, next) = c.close_epoch_live(Some(tx));
+        assert!(e.is_none());
+        assert_eq!(next, 4);
+        let _w = begin(&c, 0, BS).zero().expect("live");
+        assert_eq!(rx.try_recv().unwrap().epoch, 4);
     }
 }

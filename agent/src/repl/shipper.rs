@@ -8,7 +8,9 @@
 //! ```
 //! One task owns the session and executes its actions in order; connection, epoch streams and
 //! resync passes run in their own tasks and report back through one channel. Events of an
-//! older connection are ignored (each carries the connection number).
+//! older connection are ignored (each carries the connection number). In sync mode the capture
+//! also hands every write to this task at once, which streams it in the epoch's live sync batch
+//! and answers it when the target has it (`live.rs`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -34,6 +36,10 @@ use super::limiter::Limiter;
 use super::verify::VerifyReport;
 use crate::cbt::Tracker;
 use crate::volume::Volume;
+pub use live::ModeChange;
+
+#[path = "live.rs"]
+mod live;
 
 /// The change-tracking bitmap that holds what the target does not have yet.
 pub const BITMAP: &str = "replication";
@@ -106,9 +112,21 @@ impl ReplicationOptions {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ReplStatus {
     pub volume: String,
+    /// `sync` or `async`.
     pub mode: String,
+    /// Sync mode's policy when the target is away: `degrade` or `block`.
+    pub on_disconnect: String,
     pub target: String,
+    /// `connecting`, `disconnected`, `initial-sync`, `behind`, `in-sync`, `stopped`; in sync
+    /// mode `in-sync` (every write waits for the target), `syncing` (catching up before
+    /// that), `degraded` or `blocked` (the target is away or was too slow, per policy).
     pub state: String,
+    /// Why the state is what it is, when it is not in-sync (the last transition's reason).
+    pub reason: Option<String>,
+    /// Sync writes waiting for the target now.
+    pub sync_waiting: u64,
+    /// Sync writes failed with EIO (block policy, the target stayed away).
+    pub sync_failed: u64,
     /// Bytes of the volume the target does not have yet (dirty blocks of the bitmap).
     pub lag_bytes: u64,
     /// Epochs closed and not committed.
@@ -157,6 +175,7 @@ pub struct ResyncStatus {
 pub struct Replicator {
     status: Arc<Mutex<ReplStatus>>,
     close: mpsc::UnboundedSender<()>,
+    mode: mpsc::UnboundedSender<(Mode, oneshot::Sender<ModeChange>)>,
     verify: mpsc::UnboundedSender<oneshot::Sender<Result<VerifyReport, String>>>,
 }
 
@@ -168,6 +187,15 @@ impl Replicator {
     /// Closes the open epoch now (a flush barrier or a quiesce point).
     pub fn close_epoch(&self) {
         let _ = self.close.send(());
+    }
+
+    /// Switches the volume between sync and async replication, live (`blockferry volume
+    /// set-mode`): to sync, the volume reports `syncing` until the replica is current, then
+    /// every write waits for the target; to async, at once.
+    pub async fn set_mode(&self, mode: Mode) -> Result<ModeChange, String> {
+        let (tx, rx) = oneshot::channel();
+        self.mode.send((mode, tx)).map_err(|_| "replication is not running".to_string())?;
+        rx.await.map_err(|_| "replication stopped during the mode change".to_string())
     }
 
     /// Compares the source with the replica by hashes (see [`super::verify`]).
@@ -247,6 +275,7 @@ struct Driver {
     published: Instant,
     progress_logged: Instant,
     phase: &'static str,
+    sync: live::SyncState,
 }
 
 /// Starts replicating `parts` to the target; runs until `shutdown` turns true.
@@ -282,6 +311,10 @@ pub fn spawn(
             Mode::Async => "async".into(),
             Mode::Sync => "sync".into(),
         },
+        on_disconnect: match opts.on_disconnect {
+            OnDisconnect::Degrade => "degrade".into(),
+            OnDisconnect::Block => "block".into(),
+        },
         target: opts.target.to_string(),
         ..ReplStatus::default()
     }));
@@ -289,7 +322,9 @@ pub fn spawn(
     let (close_tx, mut close_rx) = mpsc::unbounded_channel();
     let (ctl_tx, mut ctl_rx) = mpsc::unbounded_channel();
     let (verify_tx, mut verify_rx) = mpsc::unbounded_channel();
+    let (mode_tx, mut mode_rx) = mpsc::unbounded_channel::<(Mode, oneshot::Sender<ModeChange>)>();
     let now = Instant::now();
+    let sync = live::SyncState::new(opts.mode == Mode::Sync);
     let mut d = Driver {
         session: AgentSession::new(cfg, now),
         limiter: opts.bandwidth.map(|b| Arc::new(Limiter::new(b))),
@@ -312,7 +347,13 @@ pub fn spawn(
         published: now - Duration::from_secs(1),
         progress_logged: now,
         phase: "",
+        sync,
     };
+    if d.sync_holds() {
+        // Block policy: no write is acknowledged before the target has it, also before the
+        // first catch-up after a start.
+        d.parts.capture.set_live(Some(d.sync.tx.clone()));
+    }
     tokio::spawn(async move {
         info!(volume = %d.parts.volume.meta.name, target = %d.opts.target, "replication started");
         loop {
@@ -323,9 +364,26 @@ pub fn spawn(
             let deadline =
                 d.session.poll_timeout().unwrap_or(Instant::now() + Duration::from_secs(1));
             let capture = d.parts.capture.clone();
+            let sync_deadline = d.sync_deadline();
             tokio::select! {
-                _ = tokio::time::sleep_until(deadline.into()) => d.session.handle_timeout(Instant::now()),
+                Some(w) = d.sync.rx.recv() => {
+                    // The writes queued meanwhile too (their frames go out together).
+                    let now = Instant::now();
+                    d.live_write(now, w);
+                    for _ in 0..64 {
+                        let Ok(w) = d.sync.rx.try_recv() else { break };
+                        d.live_write(now, w);
+                    }
+                }
                 Some(ev) = events.recv() => d.event(ev),
+                _ = tokio::time::sleep_until(deadline.into()) => d.session.handle_timeout(Instant::now()),
+                _ = tokio::time::sleep_until(sync_deadline.unwrap_or(deadline).into()), if sync_deadline.is_some() => {
+                    d.sync_tick(Instant::now())
+                }
+                Some((mode, reply)) = mode_rx.recv() => {
+                    let change = d.set_mode(Instant::now(), mode == Mode::Sync);
+                    let _ = reply.send(change);
+                }
                 Some(()) = close_rx.recv() => d.session.close_now(Instant::now()),
                 Some(m) = ctl_rx.recv() => d.send(&m).await,
                 Some(reply) = verify_rx.recv() => d.start_verify(reply),
@@ -334,6 +392,7 @@ pub fn spawn(
                     if capture.take_overflow() {
                         warn!(volume = %d.parts.volume.meta.name, budget = d.opts.budget,
                             "epoch buffer over budget: behind, catching up from the bitmap");
+                        d.sync_overflowed(now);
                         d.session.overflowed(now);
                     } else if capture.stats().open_bytes >= d.opts.epoch_bytes {
                         d.session.close_now(now);
@@ -350,7 +409,7 @@ pub fn spawn(
         }
         info!(volume = %d.parts.volume.meta.name, "replication stopped");
     });
-    Ok(Replicator { status, close: close_tx, verify: verify_tx })
+    Ok(Replicator { status, close: close_tx, mode: mode_tx, verify: verify_tx })
 }
 
 impl Driver {
@@ -368,6 +427,7 @@ impl Driver {
             }
             Event::ConnectFailed { conn, reason } if conn == self.conn_no => {
                 warn!(volume = %self.name(), target = %self.opts.target, "cannot connect: {reason}");
+                self.sync_unreachable(&reason);
                 self.session.disconnected(now, reason);
             }
             Event::Lost { conn, reason } if conn == self.conn_no => {
@@ -378,6 +438,7 @@ impl Driver {
                 for (_, r) in self.resyncs.drain() {
                     r.task.abort();
                 }
+                self.sync_unreachable(&reason);
                 self.session.disconnected(now, reason);
             }
             Event::Control { conn, msg } if conn == self.conn_no => match msg {
@@ -429,22 +490,13 @@ impl Driver {
                 self.conn_no += 1;
             }
             Action::Send(m) => self.send(&m).await,
-            Action::CloseEpoch => {
-                let now = Instant::now();
-                match self.parts.capture.close_epoch() {
-                    Some(ep) => {
-                        let seq = ep.seq;
-                        self.retained.insert(seq, Arc::new(ep));
-                        self.session.epoch_closed(now, seq);
-                    }
-                    None => self.session.epoch_empty(now),
-                }
-            }
+            Action::CloseEpoch => self.close_epoch(Instant::now()),
             Action::SendEpoch { seq, id, base } => self.send_epoch(seq, id, base),
             Action::StartResync { id, base, kind, compare } => {
                 self.start_resync(id, base, kind, compare)
             }
             Action::EndResync { id, through } => {
+                self.sync_resync_ended(id, through);
                 if let Some(r) = self.resyncs.get_mut(&id) {
                     if let Some(tx) = r.end.take() {
                         let _ = tx.send(through);
@@ -455,24 +507,37 @@ impl Driver {
             }
             Action::SetBuffering(on) => self.parts.capture.set_buffering(on),
             Action::DropEpochs => {
+                if self.sync.live.is_some() || !self.sync.seqs.is_empty() {
+                    let reason = self.drop_reason();
+                    self.break_live(Instant::now(), &reason);
+                }
                 for (_, ep) in std::mem::take(&mut self.retained) {
                     self.parts.capture.release(&ep);
                 }
             }
             Action::DropEpoch { seq } => {
+                if self.sync.live.as_ref().is_some_and(|l| l.seq == seq)
+                    || self.sync.seqs.values().any(|&s| s == seq)
+                {
+                    let reason = self.drop_reason();
+                    self.break_live(Instant::now(), &reason);
+                }
                 if let Some(ep) = self.retained.remove(&seq) {
                     self.parts.capture.release(&ep);
                 }
             }
             Action::Committed { through, upto_seq, clear } => {
-                self.committed(through, upto_seq, clear)
+                self.committed(through, upto_seq, clear);
+                self.sync_committed(through, upto_seq, clear);
             }
             Action::Stopped { code, message } => {
                 warn!(volume = %self.name(), ?code, "replication stopped by the target: {message}");
+                self.break_live(Instant::now(), &message);
                 if let Some((c, _)) = self.connection.take() {
                     c.close(2u32.into(), b"refused");
                 }
             }
+            Action::Durable { id, frames } => self.sync_durable(id, frames),
         }
     }
 
@@ -647,6 +712,11 @@ impl Driver {
         debug!(volume = %self.name(), through = %through, ?clear, "committed");
     }
 
+    /// Why the session dropped its batches (for the log).
+    fn drop_reason(&self) -> String {
+        self.session.status().last_error.unwrap_or_else(|| "the session dropped its batches".into())
+    }
+
     fn publish(&mut self) {
         let now = Instant::now();
         if now.duration_since(self.published) < Duration::from_millis(250) {
@@ -706,12 +776,27 @@ impl Driver {
             }
         }
         let state = s.state;
-        if state.name() != self.phase {
-            info!(volume = %self.name(), state = state.name(), "replication state");
-            self.phase = state.name();
+        let shown = self.sync_state().unwrap_or(state.name());
+        let reason = match shown {
+            "in-sync" => None,
+            "degraded" | "blocked" => self.sync.broken.clone().or(s.last_error.clone()),
+            "syncing" if self.sync.switching => Some("switched to sync: catching up".into()),
+            _ => s.last_error.clone(),
+        };
+        if shown != self.phase {
+            match &reason {
+                Some(r) => {
+                    info!(volume = %self.name(), state = shown, reason = %r, "replication state")
+                }
+                None => info!(volume = %self.name(), state = shown, "replication state"),
+            }
+            self.phase = shown;
         }
         let mut st = self.status.lock().unwrap_or_else(|e| e.into_inner());
-        st.state = state.name().into();
+        st.state = shown.into();
+        st.reason = reason;
+        st.sync_waiting = self.sync.acks.len() as u64;
+        st.sync_failed = self.sync.failed;
         st.lag_bytes = dirty;
         st.lag_epochs = (self.retained.len() + usize::from(cap.open_bytes > 0)) as u64;
         st.rpo_seconds = if state == State::Stopped { rpo.max(0.0) } else { rpo };

@@ -31,6 +31,8 @@ struct Waiting {
     /// Frames of that batch through this write's last frame (the write is durable once the
     /// target reports at least this many).
     frames: u32,
+    /// The capture epoch (close sequence number) the write is in.
+    epoch: u64,
     since: Instant,
     done: oneshot::Sender<SyncOutcome>,
 }
@@ -57,22 +59,52 @@ impl SyncAcks {
         self.waiting.is_empty()
     }
 
-    /// A write whose last frame is frame `frames - 1` of sync batch `batch` was sent.
+    /// A write of capture epoch `epoch` whose last frame is frame `frames - 1` of sync batch
+    /// `batch` was sent.
     pub fn sent(
         &mut self,
         batch: Epoch,
         frames: u32,
+        epoch: u64,
         now: Instant,
         done: oneshot::Sender<SyncOutcome>,
     ) {
-        self.waiting.push_back(Waiting { batch: Some(batch), frames, since: now, done });
+        self.waiting.push_back(Waiting { batch: Some(batch), frames, epoch, since: now, done });
     }
 
-    /// A write that could not be sent (target away, policy block): it waits for the catch-up
-    /// after the reconnection, or for the block timeout.
-    pub fn hold(&mut self, now: Instant, done: oneshot::Sender<SyncOutcome>) {
+    /// A write of capture epoch `epoch` that could not be sent (target away, policy block): it
+    /// waits until the target has every write of its epoch ([`SyncAcks::covered`]), or for the
+    /// block timeout.
+    pub fn hold(&mut self, epoch: u64, now: Instant, done: oneshot::Sender<SyncOutcome>) {
         self.held_since.get_or_insert(now);
-        self.waiting.push_back(Waiting { batch: None, frames: 0, since: now, done });
+        self.waiting.push_back(Waiting { batch: None, frames: 0, epoch, since: now, done });
+    }
+
+    /// The target has every write of the capture epochs through `epoch` (committed, or
+    /// promised by a `Durable` of a later sync batch): the writes of those epochs, sent or
+    /// held, are answered, in order. Returns how many.
+    pub fn covered(&mut self, epoch: u64) -> usize {
+        let n = self.answer_while(|w| w.epoch <= epoch);
+        if !self.waiting.iter().any(|w| w.batch.is_none()) {
+            self.held_since = None;
+        }
+        n
+    }
+
+    /// Answers every waiting write `Degraded` (the volume left sync mode: it is on the local
+    /// disk and the bitmap or an epoch ships it). Returns how many.
+    pub fn release_all(&mut self) -> usize {
+        self.held_since = None;
+        let n = self.waiting.len();
+        for w in self.waiting.drain(..) {
+            let _ = w.done.send(SyncOutcome::Degraded);
+        }
+        n
+    }
+
+    /// Writes held for a target that is away (block policy).
+    pub fn held(&self) -> usize {
+        self.waiting.iter().filter(|w| w.batch.is_none()).count()
     }
 
     /// The target made the first `frames` frames of sync batch `batch` durable: every write
@@ -194,7 +226,7 @@ mod tests {
         let mut rx = Vec::new();
         for (batch, frames) in [(1, 1), (1, 2), (1, 3), (2, 1)] {
             let (tx, r) = waiter();
-            a.sent(Epoch(batch), frames, t0, tx);
+            a.sent(Epoch(batch), frames, batch, t0, tx);
             rx.push(r);
         }
         assert_eq!(a.durable(Epoch(1), 2), 2);
@@ -212,8 +244,8 @@ mod tests {
         let mut a = SyncAcks::new();
         let (tx1, mut r1) = waiter();
         let (tx2, mut r2) = waiter();
-        a.sent(Epoch(4), 7, t0, tx1);
-        a.sent(Epoch(5), 1, t0, tx2);
+        a.sent(Epoch(4), 7, 4, t0, tx1);
+        a.sent(Epoch(5), 1, 5, t0, tx2);
         assert_eq!(a.committed(Epoch(4)), 1);
         assert_eq!(r1.try_recv().unwrap(), SyncOutcome::Durable);
         assert!(r2.try_recv().is_err());
@@ -224,7 +256,7 @@ mod tests {
         let t0 = Instant::now();
         let mut a = SyncAcks::new();
         let (tx, mut r) = waiter();
-        a.sent(Epoch(1), 1, t0, tx);
+        a.sent(Epoch(1), 1, 1, t0, tx);
         assert!(!a.overdue(t0 + Duration::from_secs(1), Duration::from_secs(5)));
         assert!(a.overdue(t0 + Duration::from_secs(6), Duration::from_secs(5)));
         assert_eq!(a.disconnected(OnDisconnect::Degrade, t0), 1);
@@ -237,12 +269,12 @@ mod tests {
         let timeout = Duration::from_secs(2);
         let mut a = SyncAcks::new();
         let (tx1, mut r1) = waiter();
-        a.sent(Epoch(1), 1, t0, tx1);
+        a.sent(Epoch(1), 1, 1, t0, tx1);
         assert_eq!(a.disconnected(OnDisconnect::Block, t0), 0);
         // Sent before the break: its durability report may never come; it is held now.
         assert_eq!(a.durable(Epoch(1), 1), 0);
         let (tx2, mut r2) = waiter();
-        a.hold(t0 + Duration::from_secs(1), tx2);
+        a.hold(2, t0 + Duration::from_secs(1), tx2);
         assert_eq!(a.next_expiry(timeout), Some(t0 + timeout));
         assert_eq!(a.expire(t0 + Duration::from_millis(1500), timeout), 0);
         assert_eq!(a.expire(t0 + Duration::from_millis(2500), timeout), 1);
@@ -254,6 +286,29 @@ mod tests {
         // The link came back and the catch-up committed: the held write is at the target.
         assert_eq!(a.caught_up(), 1);
         assert_eq!(r2.try_recv().unwrap(), SyncOutcome::Durable);
+        assert_eq!(a.held_since(), None);
+    }
+
+    #[test]
+    fn covered_answers_sent_and_held_writes_of_the_covered_epochs_in_order() {
+        let t0 = Instant::now();
+        let mut a = SyncAcks::new();
+        let (tx1, mut r1) = waiter();
+        let (tx2, mut r2) = waiter();
+        let (tx3, mut r3) = waiter();
+        a.hold(3, t0, tx1);
+        a.sent(Epoch(9), 1, 4, t0, tx2);
+        a.hold(5, t0, tx3);
+        assert_eq!(a.held(), 2);
+        // A durable report of the sent write waits behind the held write before it.
+        assert_eq!(a.durable(Epoch(9), 1), 0);
+        assert_eq!(a.covered(4), 2);
+        assert_eq!(r1.try_recv().unwrap(), SyncOutcome::Durable);
+        assert_eq!(r2.try_recv().unwrap(), SyncOutcome::Durable);
+        assert!(r3.try_recv().is_err());
+        assert!(a.held_since().is_some());
+        assert_eq!(a.release_all(), 1);
+        assert_eq!(r3.try_recv().unwrap(), SyncOutcome::Degraded);
         assert_eq!(a.held_since(), None);
     }
 }

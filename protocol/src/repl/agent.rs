@@ -26,11 +26,24 @@
 //!   epochs up to `through` as one unit, so its replica stays at the previous boundary until
 //!   then (invariant 3). An overflow during a catch-up abandons the resync (`through` =
 //!   `u64::MAX`: never a boundary) and starts another one after it in the chain.
+//!
+//! ## Sync batches (issue 5, docs/decisions.md "Synchronous replication")
+//! In sync mode the open epoch is streamed live: [`AgentSession::sync_open`] gives the open
+//! epoch (capture seq) a batch id and base and the driver opens a `Sync` stream with that
+//! header; [`AgentSession::sync_frame`] numbers each write's frame as it is sent;
+//! [`AgentSession::sync_end`] closes it when the epoch closes (the driver sends `End`). The
+//! target's `Durable { id, frames }` comes out as [`Action::Durable`]: those frames, and every
+//! batch before `id`, are durable at the target (the writes can be acknowledged). An ended sync
+//! batch then waits for its commit like a retained epoch (its blocks are released and cleared
+//! by [`Action::Committed`]). A sync batch has nothing to send again: when the connection
+//! breaks, the target seals it after whatever frames reached it (possibly committing it), so
+//! the session drops it ([`Action::DropEpoch`]) and is no longer clean: the next welcome
+//! starts a catch-up from the bitmap, whose bits were cleared only for commits seen here.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use super::frame::{BatchKind, Compression};
+use super::frame::{BatchHeader, BatchKind, Compression};
 use super::msg::{
     AgentMsg, FailCode, Hello, RefuseCode, ReplicaState, TargetMsg, Welcome, VERSION,
 };
@@ -133,6 +146,13 @@ pub enum Action {
         code: RefuseCode,
         message: String,
     },
+    /// The first `frames` frames of live sync batch `id` are durable at the target, and so is
+    /// every batch before it: the writes in them may be acknowledged to the clients. Reported
+    /// only for a sync batch of the current connection, with `frames` rising.
+    Durable {
+        id: Epoch,
+        frames: u32,
+    },
 }
 
 /// Which bitmap bits a commit allows the driver to clear.
@@ -208,6 +228,18 @@ struct Retained {
     sent: bool,
     /// The base it was sent with on this connection.
     base: Epoch,
+    /// A live sync batch (nothing retained to send again).
+    sync: Option<Live>,
+}
+
+/// The progress of a sync batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Live {
+    /// Frames numbered so far.
+    frames: u32,
+    ended: bool,
+    /// Frames the target reported durable.
+    durable: u32,
 }
 
 /// Counters for status.
@@ -321,7 +353,7 @@ impl AgentSession {
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
-        let waiting = self.in_flight() > 0;
+        let waiting = self.awaiting() > 0;
         if !waiting {
             self.progress_at = now;
         }
@@ -381,6 +413,20 @@ impl AgentSession {
         // bitmap (whose bits are still set) drives a new one after the reconnect.
         if !self.resyncs.is_empty() {
             self.abandon_all();
+        }
+        // Sync batches cannot be sent again, and the target seals each after the frames that
+        // reached it (which the session cannot know): they go, and the bitmap, whose bits
+        // only commits seen here cleared, drives a catch-up after the reconnect.
+        if self.retained.iter().any(|r| r.sync.is_some()) {
+            self.clean = false;
+            self.behind_since.get_or_insert(now);
+            let actions = &mut self.actions;
+            self.retained.retain(|r| {
+                if r.sync.is_some() {
+                    actions.push_back(Action::DropEpoch { seq: r.seq });
+                }
+                r.sync.is_none()
+            });
         }
         for r in &mut self.retained {
             r.sent = false;
@@ -446,8 +492,100 @@ impl AgentSession {
                 // new connection (the retained epochs are sent again, a resync is redone).
                 self.disconnect(now, msg, backoff);
             }
+            TargetMsg::Durable { id, frames } => self.durable(now, id, frames),
             TargetMsg::Hashes { .. } | TargetMsg::Pong { .. } => {}
         }
+    }
+
+    fn durable(&mut self, now: Instant, id: Epoch, frames: u32) {
+        if self.link != Link::Up {
+            return;
+        }
+        let Some(live) =
+            self.retained.iter_mut().find(|r| r.id == id).and_then(|r| r.sync.as_mut())
+        else {
+            // A batch already committed (its commit came first) or of an older connection.
+            return;
+        };
+        if frames > live.frames {
+            let reason = format!(
+                "the target reported {frames} frames of sync batch {id} durable, {} were sent",
+                live.frames
+            );
+            return self.disconnect(now, reason, self.cfg.reconnect_min);
+        }
+        if frames > live.durable {
+            live.durable = frames;
+            self.progress_at = now;
+            self.stalled = false;
+            self.actions.push_back(Action::Durable { id, frames });
+        }
+    }
+
+    /// Opens a live sync batch for the capture's open epoch `seq` and returns its header (the
+    /// driver opens a stream and writes it). `None` unless the session is in sync: connected,
+    /// clean (no catch-up owed), no resync, every retained epoch sent, no other sync batch
+    /// open; the driver then keeps buffering (or tracking) the epoch as in async mode, and
+    /// the write waits for the catch-up.
+    pub fn sync_open(&mut self, now: Instant, seq: u64) -> Option<BatchHeader> {
+        let ready = self.link == Link::Up
+            && self.clean
+            && self.resyncs.is_empty()
+            && self.retained.iter().all(|r| r.sent && r.sync.is_none_or(|l| l.ended));
+        if !ready {
+            return None;
+        }
+        if self.in_flight() == 0 {
+            self.progress_at = now;
+        }
+        self.last_id = self.last_id.next();
+        let id = self.last_id;
+        let base = self.tail;
+        self.tail = id;
+        self.high = self.high.max(id);
+        self.counters.epochs_sent += 1;
+        self.retained.push_back(Retained {
+            seq,
+            id,
+            sent: true,
+            base,
+            sync: Some(Live { frames: 0, ended: false, durable: 0 }),
+        });
+        Some(BatchHeader { kind: BatchKind::Sync, id, base })
+    }
+
+    /// The next frame of live sync batch `id` is sent: returns its sequence number (the write
+    /// is durable once a `Durable` reports more frames than that). `None` if the batch is not
+    /// open any more (the connection broke: the write is only in the bitmap).
+    pub fn sync_frame(&mut self, id: Epoch) -> Option<u32> {
+        let live = self
+            .retained
+            .iter_mut()
+            .find(|r| r.id == id)
+            .and_then(|r| r.sync.as_mut())
+            .filter(|l| !l.ended)?;
+        let seq = live.frames;
+        live.frames += 1;
+        Some(seq)
+    }
+
+    /// The epoch of live sync batch `id` closed: the driver sends its `End` (through = `id`)
+    /// with the count returned here; the batch then waits for its commit. `None` if it is not
+    /// open (dropped at a disconnect: its stream died with the connection).
+    pub fn sync_end(&mut self, _now: Instant, id: Epoch) -> Option<u32> {
+        let live = self
+            .retained
+            .iter_mut()
+            .find(|r| r.id == id)
+            .and_then(|r| r.sync.as_mut())
+            .filter(|l| !l.ended)?;
+        live.ended = true;
+        Some(live.frames)
+    }
+
+    /// The open live sync batch, if any.
+    pub fn live_sync(&self) -> Option<Epoch> {
+        self.retained.iter().find(|r| r.sync.is_some_and(|l| !l.ended)).map(|r| r.id)
     }
 
     fn disconnect(&mut self, now: Instant, reason: String, backoff: Duration) {
@@ -540,7 +678,13 @@ impl AgentSession {
             return;
         }
         self.last_id = self.last_id.next();
-        self.retained.push_back(Retained { seq, id: self.last_id, sent: false, base: Epoch::ZERO });
+        self.retained.push_back(Retained {
+            seq,
+            id: self.last_id,
+            sent: false,
+            base: Epoch::ZERO,
+            sync: None,
+        });
         self.after_close(now);
         self.pump();
     }
@@ -689,6 +833,27 @@ impl AgentSession {
 
     fn in_flight(&self) -> usize {
         self.retained.iter().filter(|r| r.sent).count() + self.resyncs.len()
+    }
+
+    /// Batches that wait for an answer of the target: [`AgentSession::in_flight`] without
+    /// an open sync batch whose frames are all durable (it is quiet, not stalled: the epoch
+    /// has had no write since).
+    fn awaiting(&self) -> usize {
+        let quiet = |r: &Retained| r.sync.is_some_and(|l| !l.ended && l.durable == l.frames);
+        self.retained.iter().filter(|r| r.sent && !quiet(r)).count() + self.resyncs.len()
+    }
+
+    /// True when [`AgentSession::sync_open`] would open a sync batch once the open epoch
+    /// closes: connected, clean (no catch-up owed), no resync, every retained epoch sent and
+    /// room in the window for the epoch being closed. The driver asks before it turns the
+    /// capture's live sending on at an epoch close, so that every write of the next epoch goes
+    /// live.
+    pub fn sync_ready(&self) -> bool {
+        self.link == Link::Up
+            && self.clean
+            && self.resyncs.is_empty()
+            && self.retained.iter().all(|r| r.sent)
+            && self.in_flight() < self.cfg.window
     }
 
     pub fn state(&self) -> State {

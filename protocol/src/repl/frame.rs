@@ -8,7 +8,7 @@
 //!
 //! BatchHeader (32 bytes, integers big-endian)
 //!   0  u32 magic "BFB1"
-//!   4  u8  kind (1 epoch, 2 resync, 3 initial sync)
+//!   4  u8  kind (1 epoch, 2 resync, 3 initial sync, 4 sync: a live epoch)
 //!   5  [3] reserved, 0
 //!   8  u64 id      the batch's epoch number
 //!  16  u64 base    the epoch boundary the batch applies on (0: none)
@@ -91,6 +91,11 @@ pub enum BatchKind {
     Resync,
     /// The first copy of a replica that has no committed boundary yet.
     Initial,
+    /// A live epoch of a sync volume (issue 5): each write becomes a frame as soon as it is
+    /// captured, `End` follows when the epoch closes (`through` = its id, as for an epoch).
+    /// The target reports its durable prefix (`TargetMsg::Durable`) and, if the batch never
+    /// ends, seals it after its last complete frame: any prefix is crash-consistent.
+    Sync,
 }
 
 impl BatchKind {
@@ -99,6 +104,7 @@ impl BatchKind {
             BatchKind::Epoch => 1,
             BatchKind::Resync => 2,
             BatchKind::Initial => 3,
+            BatchKind::Sync => 4,
         }
     }
 
@@ -107,6 +113,7 @@ impl BatchKind {
             1 => BatchKind::Epoch,
             2 => BatchKind::Resync,
             3 => BatchKind::Initial,
+            4 => BatchKind::Sync,
             _ => return None,
         })
     }

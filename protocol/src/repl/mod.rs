@@ -9,6 +9,8 @@ pub mod target;
 pub mod types;
 
 #[cfg(test)]
+mod sync_tests;
+#[cfg(test)]
 mod target_tests;
 #[cfg(test)]
 mod tests;

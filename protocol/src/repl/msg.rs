@@ -3,6 +3,10 @@
 //!
 //! Changelog of the protocol version (`VERSION`, also the ALPN's major version):
 //! - 1: hello/welcome, committed acks, batch failures, hash ranges for initial sync and verify.
+//!   Sync replication (issue 5) added, without changing any existing encoding (new variants
+//!   only at the ends of enums): batch kind `Sync` (frame.rs) and `TargetMsg::Durable`. A
+//!   target without them closes the session on the first sync batch (unknown batch kind), so
+//!   an agent in sync mode fails clearly against an older target.
 
 use bytes::{Buf, BufMut, BytesMut};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
@@ -153,6 +157,13 @@ pub enum TargetMsg {
     },
     Pong {
         nonce: u64,
+    },
+    /// The first `frames` frames of sync batch `id` are durable in the target's journal, and
+    /// so is every batch before it in the chain (complete): if the agent vanished now, the
+    /// target would seal the batch after at least these frames and commit it.
+    Durable {
+        id: Epoch,
+        frames: u32,
     },
 }
 

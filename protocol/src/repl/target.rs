@@ -5,8 +5,15 @@
 //! data, end, abort). Every frame is checked here (header and data crc32c, sequence, batch
 //! checksum, range) before the store sees it; a bad frame drops its batch and tells the agent,
 //! which sends it again (invariant 5). Nothing here touches a disk.
+//!
+//! Sync batches ([`BatchKind::Sync`], issue 5) are live: their frames go to the store as they
+//! arrive and the store's group commits come back through [`TargetSession::durable`] as
+//! `Durable` messages. A sync batch is never aborted here: its frames may already have been
+//! reported durable, so a bad frame or a stream that ends without `End` only stops it (the
+//! store seals it after its last good frame when the session ends) and, for a bad frame, tells
+//! the agent, which reconnects and catches up from its bitmap.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use bytes::{Bytes, BytesMut};
 
@@ -61,7 +68,7 @@ pub enum Action {
         id: Epoch,
         end: End,
     },
-    /// Forget batch `id` (a bad frame or a stream that ended early).
+    /// Forget batch `id` (a bad frame or a stream that ended early). Never for a sync batch.
     Abort {
         id: Epoch,
     },
@@ -110,6 +117,8 @@ pub struct TargetSession {
     max_frame: u32,
     /// Batches dropped for a bad frame (status, tests).
     pub rejected_batches: u64,
+    /// The sync batches begun on this session (never aborted).
+    sync_ids: HashSet<Epoch>,
 }
 
 impl TargetSession {
@@ -125,6 +134,7 @@ impl TargetSession {
             geometry: None,
             max_frame,
             rejected_batches: 0,
+            sync_ids: HashSet::new(),
         }
     }
 
@@ -319,6 +329,9 @@ impl TargetSession {
                 match BatchHeader::decode(&mut s.buf) {
                     Ok(Some(h)) => {
                         s.header = Some(h);
+                        if h.kind == BatchKind::Sync {
+                            self.sync_ids.insert(h.id);
+                        }
                         self.actions.push_back(Action::Begin(h));
                         continue;
                     }
@@ -371,7 +384,7 @@ impl TargetSession {
                         return self.fail(stream, header, FailCode::Checksum, e);
                     }
                     let ok_through = match header.kind {
-                        BatchKind::Epoch => end.through == header.id,
+                        BatchKind::Epoch | BatchKind::Sync => end.through == header.id,
                         BatchKind::Resync | BatchKind::Initial => end.through >= header.id,
                     };
                     if !ok_through || header.base >= header.id {
@@ -395,7 +408,9 @@ impl TargetSession {
             s.buf = BytesMut::new();
         }
         self.rejected_batches += 1;
-        self.actions.push_back(Action::Abort { id: header.id });
+        if header.kind != BatchKind::Sync {
+            self.actions.push_back(Action::Abort { id: header.id });
+        }
         self.actions.push_back(Action::Send(TargetMsg::Failed {
             id: header.id,
             kind: header.kind,
@@ -404,14 +419,24 @@ impl TargetSession {
         }));
     }
 
-    /// Stream `stream` ended (FIN). A batch without its end frame is dropped.
+    /// Stream `stream` ended (FIN). A batch without its end frame is dropped, except a sync
+    /// batch: it stays open in the store, which seals it when the session ends.
     pub fn stream_finished(&mut self, stream: u64) {
         if let Some(s) = self.streams.remove(&stream) {
             if !s.ended && !s.dead {
-                if let Some(h) = s.header {
+                if let Some(h) = s.header.filter(|h| h.kind != BatchKind::Sync) {
                     self.actions.push_back(Action::Abort { id: h.id });
                 }
             }
+        }
+    }
+
+    /// The store made the first `frames` frames of sync batch `id` durable (a group commit
+    /// after which a seal would keep them, see the store's `sync_durable`): tell the agent,
+    /// whose writes in that prefix can now be acknowledged to its clients.
+    pub fn durable(&mut self, id: Epoch, frames: u32) {
+        if self.phase == Phase::Up {
+            self.actions.push_back(Action::Send(TargetMsg::Durable { id, frames }));
         }
     }
 
@@ -423,8 +448,20 @@ impl TargetSession {
     }
 
     /// The store could not take batch `id`.
+    /// A sync batch (known by its id on this session) is not aborted: its stream stops and
+    /// the store seals what it holds when the session ends.
     pub fn store_failed(&mut self, id: Epoch, kind: BatchKind, code: FailCode, message: String) {
-        self.actions.push_back(Action::Abort { id });
+        let kind = if self.sync_ids.contains(&id) { BatchKind::Sync } else { kind };
+        if kind == BatchKind::Sync {
+            for s in self.streams.values_mut() {
+                if s.header.is_some_and(|h| h.id == id) {
+                    s.dead = true;
+                    s.buf = BytesMut::new();
+                }
+            }
+        } else {
+            self.actions.push_back(Action::Abort { id });
+        }
         self.actions.push_back(Action::Send(TargetMsg::Failed { id, kind, code, message }));
     }
 

@@ -13,22 +13,26 @@
 //!  20  u32 crc32c of bytes 0..20 and the body
 //!  24  [N] body
 //!
-//! begin   0 u8 batch kind (1 epoch, 2 resync, 3 initial) | 1 u8 direct (1: data went straight
+//! begin   0 u8 batch kind (1 epoch, 2 resync, 3 initial, 4 sync) | 1 u8 direct (1: data went straight
 //!         into the image, not into the journal) | 2 [6] 0 | 8 u64 id | 16 u64 base
 //! data    0 u64 batch id | 8 u64 offset | 16 u32 length | 20 u8 zero | 21 [3] 0 |
 //!         24 [length] raw uncompressed bytes (none for a zero frame)
-//! end     0 u64 batch id | 8 u64 through | 16 u32 frames | 20 u32 chain: crc32c over the
+//! end     0 u64 batch id | 8 u64 through ([`SEALED`]: a sync batch the target sealed; it ends
+//!         its session's chain) | 16 u32 frames | 20 u32 chain: crc32c over the
 //!         crcs (u32 LE) of the batch's data records, in order
 //! commit  0 u64 base (the boundary before) | 8 u64 through | 16 u32 n | 20 [4] 0 |
 //!         24 n x u64 the ids of the committed batches, in chain order
 //! ```
 //!
 //! A batch is complete in the journal when its begin, `frames` data records whose chain matches
-//! and its end are all there (records of several batches interleave). A data frame's integrity
-//! (invariant 5): the receiver checks the frame's crc before the store journals it; the record
-//! crc then covers the journaled copy. Apply writes the bytes the store still holds in memory
-//! (checked on receipt, never read back); where it does not hold them (after recovery, or beyond
-//! its memory budget) it reads the record back and checks its crc again.
+//! and its end are all there (records of several batches interleave). A sync batch without its
+//! end is sealed: an end record after its last complete data record is journaled by the store
+//! (`ReplicaStore::seal`, also in recovery), with the frames and chain of the records found. A
+//! data frame's integrity (invariant 5): the receiver checks the frame's crc before the store
+//! journals it; the record crc then covers the journaled copy. Apply writes the bytes the store
+//! still holds in memory (checked on receipt, never read back); where it does not hold them
+//! (after recovery, or beyond its memory budget) it reads the record back and checks its crc
+//! again.
 
 use blockferry_protocol::repl::frame::MAX_FRAME_LIMIT;
 use blockferry_protocol::repl::{BatchKind, Epoch};
@@ -36,6 +40,9 @@ use blockferry_protocol::repl::{BatchKind, Epoch};
 use super::storage::JOURNAL_DIR;
 
 const MAGIC: u32 = 0x4246_4a52;
+/// `through` of the end record of a sync batch sealed by the target (`ReplicaStore::seal`):
+/// no batch of the same session follows it in the chain.
+pub const SEALED: Epoch = Epoch(u64::MAX);
 pub const HEADER: usize = 24;
 const MAX_BODY: usize = 24 + MAX_FRAME_LIMIT as usize;
 /// The most batch ids one commit record names.
@@ -71,6 +78,7 @@ fn kind_code(k: BatchKind) -> u8 {
         BatchKind::Epoch => 1,
         BatchKind::Resync => 2,
         BatchKind::Initial => 3,
+        BatchKind::Sync => 4,
     }
 }
 
@@ -247,6 +255,7 @@ pub fn decode(r: &[u8]) -> Result<Decoded, String> {
                 Some(1) => BatchKind::Epoch,
                 Some(2) => BatchKind::Resync,
                 Some(3) => BatchKind::Initial,
+                Some(4) => BatchKind::Sync,
                 _ => return Err("begin record with an unknown batch kind".into()),
             };
             let direct = b.get(1).copied().ok_or_else(short)? == 1;

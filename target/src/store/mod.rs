@@ -15,6 +15,16 @@
 //! (group commit). `apply` copies committed batches from the journal into the image, syncs it,
 //! records `applied` in the metadata and deletes journal segments nobody needs any more.
 //!
+//! Sync batches (issue 5) are journaled like epoch batches, but live: [`ReplicaStore::sync_durable`]
+//! makes everything appended since the last journal sync durable with one fdatasync (group
+//! commit) and says how many frames of the open sync batch are durable, for the agent's
+//! acknowledgements. A sync batch is never dropped: an error only stops it (`cut`), and
+//! [`ReplicaStore::seal`] (at the end of a session, before a new one, and in recovery) closes
+//! the first open sync batch of the chain after its last complete record and commits the
+//! chain through it. Any prefix of a sync batch is crash-consistent (its writes were captured
+//! in order), so the replica stays at a boundary (invariant 3) and holds every frame ever
+//! reported durable.
+//!
 //! Before the first commit (state Empty or Seeded) there is no boundary to protect, and the
 //! initial sync's batches go straight into the image (`direct`): only their begin and end
 //! records are journaled, so the chain logic sees them. A batch is direct only if every
@@ -30,6 +40,8 @@ pub mod sim;
 pub mod storage;
 mod volumes;
 
+#[cfg(test)]
+mod sync_tests;
 #[cfg(test)]
 mod tests;
 
@@ -124,9 +136,18 @@ struct Batch {
     recs: Vec<Rec>,
     end: Option<End>,
     bytes: u64,
+    /// Sync batch: frames reported durable by `sync_durable`.
+    durable: u32,
+    /// Sync batch stopped by an error (or an abort): no more frames; sealed at session end.
+    cut: bool,
 }
 
 impl Batch {
+    /// An open sync batch (not ended): sealed, never dropped.
+    fn live_sync(&self) -> bool {
+        self.header.kind == BatchKind::Sync && self.end.is_none()
+    }
+
     fn key(&self) -> Key {
         (self.session, self.header.id)
     }
@@ -194,6 +215,13 @@ pub struct ReplicaStore {
     held: u64,
     /// Direct writes to the image since its last sync.
     image_dirty: bool,
+    /// Records appended to the journal since its last sync.
+    journal_dirty: bool,
+    /// Sync frames arrived (or a batch ended, which may let a sync batch after it be
+    /// reported) since the last `sync_durable`.
+    sync_dirty: bool,
+    /// The sync batches recovery sealed when the store was opened (id, frames).
+    recovery_sealed: Vec<(Epoch, u32)>,
     poisoned: Option<String>,
     status: StoreStatus,
 }
@@ -308,6 +336,9 @@ impl ReplicaStore {
             to_apply: Vec::new(),
             held: 0,
             image_dirty: false,
+            journal_dirty: false,
+            sync_dirty: false,
+            recovery_sealed: Vec::new(),
             poisoned: None,
             status: StoreStatus::default(),
         };
@@ -371,10 +402,12 @@ impl ReplicaStore {
         Ok(())
     }
 
-    /// A new agent session: forgets every batch not committed (their journal records are dead:
-    /// they carry the old session number) and bumps the session, durably.
+    /// A new agent session: seals the open sync batches (see [`ReplicaStore::seal`]), forgets
+    /// every batch not committed (their journal records are dead: they carry the old session
+    /// number) and bumps the session, durably.
     pub fn reset_session(&mut self) -> Result<(), StoreError> {
         self.check()?;
+        self.seal()?;
         // Direct writes of a forgotten batch must be durable before the new session compares
         // hashes of the image, or a power cut could undo what the hashes promised.
         self.sync_image()?;
@@ -436,6 +469,8 @@ impl ReplicaStore {
             recs: Vec::new(),
             end: None,
             bytes: 0,
+            durable: 0,
+            cut: false,
         };
         self.pending.insert(h.id, b);
         Ok(())
@@ -492,9 +527,15 @@ impl ReplicaStore {
         if b.end.is_some() {
             return Err(StoreError::Batch { id, what: "data after the end of the batch".into() });
         }
-        let (direct, session) = (b.direct, b.session);
-        let n = frames.len() as u32;
-        let bytes: u64 = frames.iter().map(|f| u64::from(f.1)).sum();
+        if b.cut {
+            return Err(StoreError::Batch {
+                id,
+                what: "data for a sync batch stopped by an earlier error (it is sealed at the \
+                       end of the session)"
+                    .into(),
+            });
+        }
+        let (direct, session, sync) = (b.direct, b.session, b.header.kind == BatchKind::Sync);
         if direct {
             self.image_dirty = true;
             for (offset, length, data) in &frames {
@@ -508,81 +549,96 @@ impl ReplicaStore {
                     return Err(e);
                 }
             }
-        } else {
-            // Headers and payloads in vectored writes: the payloads are not copied.
-            let heads: Vec<[u8; journal::DATA_HEAD]> = frames
-                .iter()
-                .map(|(offset, length, data)| {
-                    journal::data_head(session, id, *offset, *length, data.as_deref())
-                })
-                .collect();
-            let rec_len =
-                |k: usize| (journal::DATA_HEAD + frames[k].2.as_ref().map_or(0, Bytes::len)) as u64;
-            let mut locs: Vec<Loc> = Vec::with_capacity(frames.len());
-            let mut parts: Vec<&[u8]> = Vec::new();
-            let mut i = 0;
-            while i < frames.len() {
-                // Records i..j: as many as fit in the active segment (at least one).
-                let seg_len = self.segments.get(&self.seg).map_or(0, |s| s.len);
-                let (mut j, mut group) = (i, 0u64);
-                while j < frames.len() {
-                    let l = rec_len(j);
-                    if j > i && (seg_len + group + l > self.opts.segment_size || j - i >= 256) {
-                        break;
-                    }
-                    group += l;
-                    j += 1;
+            let n = frames.len() as u32;
+            let bytes: u64 = frames.iter().map(|f| u64::from(f.1)).sum();
+            let b = self
+                .pending
+                .get_mut(&id)
+                .ok_or(StoreError::Batch { id, what: "vanished".into() })?;
+            b.frames += n;
+            b.bytes += bytes;
+            return Ok(());
+        }
+        // Headers and payloads in vectored writes: the payloads are not copied.
+        let heads: Vec<[u8; journal::DATA_HEAD]> = frames
+            .iter()
+            .map(|(offset, length, data)| {
+                journal::data_head(session, id, *offset, *length, data.as_deref())
+            })
+            .collect();
+        let rec_len =
+            |k: usize| (journal::DATA_HEAD + frames[k].2.as_ref().map_or(0, Bytes::len)) as u64;
+        let mut parts: Vec<&[u8]> = Vec::new();
+        let mut i = 0;
+        while i < frames.len() {
+            // Records i..j: as many as fit in the active segment (at least one).
+            let seg_len = self.segments.get(&self.seg).map_or(0, |s| s.len);
+            let (mut j, mut group) = (i, 0u64);
+            while j < frames.len() {
+                let l = rec_len(j);
+                if j > i && (seg_len + group + l > self.opts.segment_size || j - i >= 256) {
+                    break;
                 }
-                parts.clear();
-                for k in i..j {
-                    parts.push(&heads[k]);
-                    if let Some(d) = &frames[k].2 {
-                        parts.push(d);
-                    }
-                }
-                match self.append_parts(&parts, &[(session, id)]) {
-                    Ok(loc) => {
-                        let mut off = loc.off;
-                        for k in i..j {
-                            locs.push(Loc { seg: loc.seg, off, len: rec_len(k) });
-                            off += rec_len(k);
-                        }
-                    }
-                    Err(e) => {
-                        self.abort_batch(id);
-                        return Err(e);
-                    }
-                }
-                i = j;
+                group += l;
+                j += 1;
             }
-            drop(parts);
-            let mut recs = Vec::with_capacity(frames.len());
-            let mut chain = Vec::with_capacity(frames.len());
-            for (((offset, length, data), loc), head) in frames.into_iter().zip(locs).zip(&heads) {
+            parts.clear();
+            for k in i..j {
+                parts.push(&heads[k]);
+                if let Some(d) = &frames[k].2 {
+                    parts.push(d);
+                }
+            }
+            let loc = match self.append_parts(&parts, &[(session, id)]) {
+                Ok(loc) => loc,
+                Err(e) => {
+                    // The groups before this one are in the journal and in the batch: a sync
+                    // batch is cut there (its seal ends it after them), any other is dropped.
+                    self.abort_batch(id);
+                    return Err(e);
+                }
+            };
+            // The records i..j join the batch as soon as they are appended, so that the
+            // batch (frames, chain) always matches its records in the journal.
+            let mut off = loc.off;
+            let mut recs = Vec::with_capacity(j - i);
+            for (k, head) in heads.iter().enumerate().take(j).skip(i) {
+                let (offset, length, data) = &frames[k];
+                let len = rec_len(k);
                 let held = match data {
                     None => Held::Zero,
                     Some(d) if self.held + d.len() as u64 <= MAX_HELD => {
                         self.held += d.len() as u64;
-                        Held::Mem(d)
+                        Held::Mem(d.clone())
                     }
                     Some(_) => Held::Journal,
                 };
-                recs.push(Rec { loc, offset, length, data: held });
-                chain.push(journal::record_crc(head));
+                recs.push((
+                    Rec {
+                        loc: Loc { seg: loc.seg, off, len },
+                        offset: *offset,
+                        length: *length,
+                        data: held,
+                    },
+                    journal::record_crc(head),
+                ));
+                off += len;
             }
             let b = self
                 .pending
                 .get_mut(&id)
                 .ok_or(StoreError::Batch { id, what: "vanished".into() })?;
-            b.recs.extend(recs);
-            for crc in chain {
+            for (rec, crc) in recs {
                 b.chain = journal::chain(b.chain, crc);
+                b.frames += 1;
+                b.bytes += u64::from(rec.length);
+                b.recs.push(rec);
             }
+            if sync {
+                self.sync_dirty = true;
+            }
+            i = j;
         }
-        let b =
-            self.pending.get_mut(&id).ok_or(StoreError::Batch { id, what: "vanished".into() })?;
-        b.frames += n;
-        b.bytes += bytes;
         Ok(())
     }
 
@@ -595,6 +651,12 @@ impl ReplicaStore {
         };
         if b.end.is_some() {
             return Err(StoreError::Batch { id, what: "second end frame".into() });
+        }
+        if b.cut {
+            return Err(StoreError::Batch {
+                id,
+                what: "end of a sync batch stopped by an earlier error".into(),
+            });
         }
         if b.frames != end.frames {
             let what =
@@ -619,28 +681,164 @@ impl ReplicaStore {
         if let Some(b) = self.pending.get_mut(&id) {
             b.end = Some(end);
         }
+        if self.pending.values().any(|b| b.header.kind == BatchKind::Sync && b.durable < b.frames) {
+            self.sync_dirty = true;
+        }
         Ok(())
     }
 
     /// Drops batch `id` (not committed); its records in the journal are dead. Unknown ids
-    /// are ignored.
+    /// are ignored. An open sync batch is not dropped (frames of it may have been reported
+    /// durable): it is cut, takes no more frames, and is sealed at the end of the session.
     pub fn abort_batch(&mut self, id: Epoch) {
+        if let Some(b) = self.pending.get_mut(&id).filter(|b| b.live_sync()) {
+            if !b.cut {
+                b.cut = true;
+                tracing::debug!(volume = %self.meta.volume, batch = %id, frames = b.frames,
+                    "sync batch stopped; it is sealed at the end of the session");
+            }
+            return;
+        }
         if let Some(b) = self.pending.remove(&id) {
             self.held = self.held.saturating_sub(b.held());
             tracing::debug!(volume = %self.meta.volume, batch = %id, "batch dropped");
         }
     }
 
+    /// True if sync frames arrived (or a batch ended) since the last
+    /// [`ReplicaStore::sync_durable`]: the driver should call it as soon as its queue runs dry.
+    pub fn sync_pending(&self) -> bool {
+        self.sync_dirty
+    }
+
+    /// Group commit of sync frames: one fdatasync of the journal makes every record appended
+    /// since the last one durable; then reports, as `(id, frames)`, the sync batches whose
+    /// durable prefix grew and that a [`ReplicaStore::seal`] would commit with at least those
+    /// frames. That is the chain from the committed boundary through complete (ended) batches
+    /// up to the first open sync batch, and no further: `Durable { id, frames }` also promises
+    /// every batch before `id` (the agent answers their writes with it), and a batch after an
+    /// open one would not be complete. A resync in the chain whose `through` lies beyond the
+    /// batch would keep the seal from making a boundary, so nothing after it is reported.
+    pub fn sync_durable(&mut self) -> Result<Vec<(Epoch, u32)>, StoreError> {
+        self.check()?;
+        if !self.sync_pending() {
+            return Ok(Vec::new());
+        }
+        self.sync_dirty = false;
+        if self.journal_dirty {
+            // Crash ordering: 1. the records are in the segment (appended); 2. one fdatasync
+            // (earlier segments were synced when the journal rolled past them); 3. only then
+            // is any frame reported durable.
+            self.sync_journal()?;
+        }
+        let mut out = Vec::new();
+        let mut cur = self.meta.committed;
+        let mut barrier: Option<Epoch> = None;
+        while let Some(b) = self.pending.values_mut().find(|b| b.header.base == cur) {
+            let id = b.header.id;
+            if b.end.is_none() && b.header.kind != BatchKind::Sync {
+                break;
+            }
+            if barrier.is_some_and(|t| t > id) && b.end.is_none() {
+                break;
+            }
+            if b.header.kind == BatchKind::Sync && b.frames > b.durable {
+                b.durable = b.frames;
+                out.push((id, b.frames));
+            }
+            match b.end {
+                None => break,
+                Some(end) if !matches!(b.header.kind, BatchKind::Epoch | BatchKind::Sync) => {
+                    barrier = Some(end.through)
+                }
+                Some(_) => {}
+            }
+            cur = id;
+        }
+        Ok(out)
+    }
+
+    /// Seals the open sync batch (at the end of a session, before a new one, and in
+    /// recovery): following the chain from the committed boundary through ended batches, the
+    /// first open batch, if it is a sync batch, gets an end record after its last complete
+    /// data record; then the chain is committed as far as it can be, through the last sync
+    /// batch in it at most (a `Durable` of a sync batch promised it and every batch before
+    /// it; what follows is left as it was, and dropped with the session).
+    ///
+    /// Only the first open batch is sealed, not the (sync) batches after it: their frames were
+    /// never reported durable (`sync_durable` stops at the first open batch), and leaving them
+    /// out makes the replica an exact prefix of the agent's write stream, not a prefix of one
+    /// epoch followed by a prefix of the next (also crash-consistent, since none of the
+    /// missing writes was acknowledged, but a state no single cut of the stream shows).
+    /// Returns the sealed batch as `(id, frames)` (none or one); `meta().committed` says what
+    /// was committed. The session's batches after the sealed one are forgotten.
+    pub fn seal(&mut self) -> Result<Vec<(Epoch, u32)>, StoreError> {
+        self.check()?;
+        let mut sealed = Vec::new();
+        let mut last_sync = None;
+        let mut cur = self.meta.committed;
+        while let Some(b) = self.pending.values().find(|b| b.header.base == cur) {
+            let (id, session, frames, chain) = (b.header.id, b.session, b.frames, b.chain);
+            if b.header.kind == BatchKind::Sync {
+                last_sync = Some(id);
+            }
+            if b.end.is_none() {
+                if b.header.kind != BatchKind::Sync {
+                    break;
+                }
+                // Crash ordering of a seal: 1. the end record follows every data record of
+                // the batch (appended before); 2. the commit below syncs it with its commit
+                // record. A crash before 2 leaves the batch open in the journal, and recovery
+                // seals it again.
+                let rec = journal::encode(
+                    session,
+                    &Body::End { id, through: journal::SEALED, frames, chain },
+                );
+                self.append(&rec, &[(session, id)])?;
+                if let Some(b) = self.pending.get_mut(&id) {
+                    b.end = Some(End { through: id, frames, batch_crc: chain });
+                }
+                tracing::info!(volume = %self.meta.volume, batch = %id, frames,
+                    "sync batch sealed after its last complete frame");
+                sealed.push((id, frames));
+                // The batches after it never follow it now (it may have been sealed short):
+                // forgotten, so that no later commit puts them on a shortened prefix.
+                self.pending.retain(|&b, _| b <= id);
+                // Their payloads held in memory are freed with them.
+                self.held = self.pending.values().chain(&self.to_apply).map(Batch::held).sum();
+                break;
+            }
+            cur = id;
+        }
+        if let Some(limit) = last_sync {
+            self.commit_upto(Some(limit))?;
+        }
+        Ok(sealed)
+    }
+
+    /// The sync batches recovery sealed when the store was opened, as `(id, frames)`.
+    pub fn recovery_sealed(&self) -> &[(Epoch, u32)] {
+        &self.recovery_sealed
+    }
+
     /// Group commit: commits through the largest batch E such that the chain from `committed`
     /// to E is made of complete batches and the last resync or initial batch in it has
     /// `through <= E`. One commit record, one fdatasync. `Some(E)` if the boundary moved.
     pub fn commit(&mut self) -> Result<Option<Epoch>, StoreError> {
+        self.commit_upto(None)
+    }
+
+    /// [`ReplicaStore::commit`], through no batch after `limit`.
+    fn commit_upto(&mut self, limit: Option<Epoch>) -> Result<Option<Epoch>, StoreError> {
         self.check()?;
         let base = self.meta.committed;
         let (mut cur, mut ids, mut barrier, mut best) = (base, Vec::new(), None, 0);
         while let Some(b) = self.pending.values().find(|b| b.header.base == cur) {
+            if limit.is_some_and(|l| b.header.id > l) {
+                break;
+            }
             let Some(end) = b.end else { break };
-            if b.header.kind != BatchKind::Epoch {
+            if !matches!(b.header.kind, BatchKind::Epoch | BatchKind::Sync) {
                 barrier = Some(end.through);
             }
             cur = b.header.id;

@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 
-use blockferry_protocol::repl::{BatchHeader, End, Epoch, ReplicaState};
+use blockferry_protocol::repl::{BatchHeader, BatchKind, End, Epoch, ReplicaState};
 
 use super::journal::{self, Body, Header};
 use super::meta::{Meta, META_FILE};
@@ -36,6 +36,8 @@ struct Found {
     end: Option<End>,
     /// The end record disagrees with the records found.
     broken: bool,
+    /// A sync batch the target sealed (its session's chain ends with it).
+    sealed: bool,
     bytes: u64,
 }
 
@@ -96,7 +98,9 @@ impl ReplicaStore {
 
     pub(super) fn sync_journal(&mut self) -> Result<(), StoreError> {
         let name = journal::segment_name(self.seg);
-        self.storage.sync(&name).map_err(|e| self.fail_sync(&name, e))
+        self.storage.sync(&name).map_err(|e| self.fail_sync(&name, e))?;
+        self.journal_dirty = false;
+        Ok(())
     }
 
     /// Replaces `meta` with the in-memory one (temp -> fsync -> rename -> fsync(dir)).
@@ -143,6 +147,7 @@ impl ReplicaStore {
             }
             return Err(err);
         }
+        self.journal_dirty = true;
         let seg = self.segments.entry(self.seg).or_default();
         seg.len = off + rec_len;
         seg.keys.extend(keys.iter().copied());
@@ -281,6 +286,7 @@ impl ReplicaStore {
                             recs: Vec::new(),
                             end: None,
                             broken: false,
+                            sealed: false,
                             bytes: 0,
                         };
                         found.insert((s, id), f);
@@ -305,6 +311,9 @@ impl ReplicaStore {
                         if let Some(f) = found.get_mut(&(s, id)).filter(|f| f.end.is_none()) {
                             // A direct batch's data went to the image: only its end is journaled.
                             f.broken = !f.direct && (frames != f.frames || chain != f.chain);
+                            f.sealed =
+                                through == journal::SEALED && f.header.kind == BatchKind::Sync;
+                            let through = if f.sealed { id } else { through };
                             f.end = Some(End { through, frames, batch_crc: chain });
                         }
                         seg.keys.insert((s, id));
@@ -335,6 +344,9 @@ impl ReplicaStore {
         // The committed chain: commit records after `applied`, each starting where the one
         // before ended, and naming only complete batches.
         let mut cur = self.meta.applied;
+        // The newest committed batch was sealed in the dead session: nothing of that session
+        // follows it.
+        let mut chain_sealed = false;
         for (s, base, through, ids) in commits {
             if through <= cur {
                 continue;
@@ -346,6 +358,7 @@ impl ReplicaStore {
                 && ids.iter().all(|id| match found.remove(&(s, *id)) {
                     Some(f) if f.end.is_some() && !f.broken && f.header.base == at => {
                         at = f.header.id;
+                        chain_sealed = f.sealed && s == self.meta.session;
                         batches.push(Batch {
                             header: f.header,
                             session: s,
@@ -355,6 +368,8 @@ impl ReplicaStore {
                             recs: f.recs,
                             end: f.end,
                             bytes: f.bytes,
+                            durable: 0,
+                            cut: false,
                         });
                         true
                     }
@@ -378,10 +393,65 @@ impl ReplicaStore {
         if cur > Epoch::ZERO {
             self.meta.state = ReplicaState::Consistent;
         }
-        // A new session: records of the dead one never mix with new ones.
-        self.meta.session += 1;
         let next = self.segments.keys().next_back().map_or(1, |s| s + 1);
         self.new_segment(next)?;
+        // The dead session's sync batches are sealed (their frames may have been reported
+        // durable, which also promised every batch before them): its batches that continue
+        // the committed chain, up to the last sync batch among them, become pending again with
+        // the records found (the scan cut a torn last record), and `seal` ends the open sync
+        // batches and commits what it can, still under the dead session's number (commit
+        // records name their batches by session). Without a sync batch the uncommitted tail is
+        // dropped, as before. A batch the target sealed ends its session's chain: nothing after
+        // it is taken (the seal forgot those batches; they may sit on a prefix cut short).
+        // Batches of older sessions were forgotten (sealed first) when the session after them
+        // began.
+        let live = self.meta.session;
+        let mut at = cur;
+        let mut walk = Vec::new();
+        let mut stop = chain_sealed;
+        while let Some(key) = found
+            .iter()
+            .filter(|_| !stop)
+            .find(|(k, f)| {
+                k.0 == live
+                    && f.header.base == at
+                    && !f.broken
+                    && (f.end.is_some() || f.header.kind == BatchKind::Sync)
+            })
+            .map(|(k, _)| *k)
+        {
+            let Some(f) = found.remove(&key) else { break };
+            at = f.header.id;
+            stop = f.sealed;
+            walk.push((
+                f.header.id,
+                Batch {
+                    header: f.header,
+                    session: live,
+                    direct: f.direct,
+                    frames: f.frames,
+                    chain: f.chain,
+                    recs: f.recs,
+                    end: f.end,
+                    bytes: f.bytes,
+                    durable: f.frames,
+                    cut: true,
+                },
+            ));
+        }
+        let last_sync = walk.iter().rposition(|(_, b)| b.header.kind == BatchKind::Sync);
+        walk.truncate(last_sync.map_or(0, |i| i + 1));
+        self.pending.extend(walk);
+        if !self.pending.is_empty() {
+            self.recovery_sealed = self.seal()?;
+            self.pending.clear();
+            if self.meta.committed > cur {
+                tracing::info!(volume = %self.meta.volume, from = %cur, through = %self.meta.committed,
+                    sealed = ?self.recovery_sealed, "recovery committed the dead session's complete and sealed batches");
+            }
+        }
+        // A new session: records of the dead one never mix with new ones.
+        self.meta.session += 1;
         let redo: usize = self.to_apply.iter().map(|b| b.recs.len()).sum();
         if redo > 0 {
             tracing::info!(volume = %self.meta.volume, batches = self.to_apply.len(), records = redo, "redo: applying committed batches");
