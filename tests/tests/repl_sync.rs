@@ -232,6 +232,7 @@ fn degrade_case(cut_how: Cut) {
         changed / 1024,
         changed_early / 1024
     );
+    println!("{}", pair.warnings(20));
     assert!(
         resent >= changed && resent <= changed_early + (1 << 20),
         "the catch-up sent {resent} bytes; blocks changed during the cut: {changed} bytes, since \
@@ -434,4 +435,5 @@ fn set_mode_both_ways_under_load() {
         "set-mode: {}; {writes} writes, 0 missing after the primary was lost",
         figures.join("; ")
     );
+    println!("{}", pair.warnings(20));
 }

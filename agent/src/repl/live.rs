@@ -451,11 +451,9 @@ impl Driver {
 
     /// When [`Driver::sync_tick`] must run next.
     pub(super) fn sync_deadline(&self) -> Option<Instant> {
-        if self.sync.acks.is_empty() {
-            return None;
-        }
-        // Often enough for the time-outs (seconds) without a timer per write.
-        Some(Instant::now() + Duration::from_millis(20))
+        // Just after it: `overdue` and `expire` count a write late once it waited longer.
+        let at = self.sync.acks.next_deadline(self.opts.ack_timeout, self.opts.block_timeout)?;
+        Some(at + Duration::from_millis(1))
     }
 
     /// The time-outs of waiting writes: `ack-timeout` (a disconnect), `block-timeout` (EIO).

@@ -187,6 +187,18 @@ impl SyncAcks {
         n
     }
 
+    /// When [`SyncAcks::overdue`] or [`SyncAcks::expire`] next has something to do (for the
+    /// driver's timer): the oldest sent write's `ack_timeout`, the oldest held write's
+    /// `block_timeout`.
+    pub fn next_deadline(&self, ack_timeout: Duration, block_timeout: Duration) -> Option<Instant> {
+        let sent = self.waiting.iter().find(|w| w.batch.is_some()).map(|w| w.since + ack_timeout);
+        let held = self.next_expiry(block_timeout);
+        match (sent, held) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
     /// When the next held write times out (for the driver's timer).
     pub fn next_expiry(&self, timeout: Duration) -> Option<Instant> {
         self.waiting.iter().find(|w| w.batch.is_none()).map(|w| w.since + timeout)
@@ -259,6 +271,8 @@ mod tests {
         a.sent(Epoch(1), 1, 1, t0, tx);
         assert!(!a.overdue(t0 + Duration::from_secs(1), Duration::from_secs(5)));
         assert!(a.overdue(t0 + Duration::from_secs(6), Duration::from_secs(5)));
+        let deadline = a.next_deadline(Duration::from_secs(5), Duration::from_secs(30));
+        assert_eq!(deadline, Some(t0 + Duration::from_secs(5)));
         assert_eq!(a.disconnected(OnDisconnect::Degrade, t0), 1);
         assert_eq!(r.try_recv().unwrap(), SyncOutcome::Degraded);
     }
@@ -276,6 +290,7 @@ mod tests {
         let (tx2, mut r2) = waiter();
         a.hold(2, t0 + Duration::from_secs(1), tx2);
         assert_eq!(a.next_expiry(timeout), Some(t0 + timeout));
+        assert_eq!(a.next_deadline(Duration::from_secs(5), timeout), Some(t0 + timeout));
         assert_eq!(a.expire(t0 + Duration::from_millis(1500), timeout), 0);
         assert_eq!(a.expire(t0 + Duration::from_millis(2500), timeout), 1);
         match r1.try_recv().unwrap() {
