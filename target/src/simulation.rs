@@ -353,12 +353,7 @@ impl Sim {
             }
         }
         for b in first..first + n {
-            let stamp = if zero {
-                0
-            } else {
-                self.next_stamp += 1;
-                self.next_stamp
-            };
+            let stamp = self.stamp(zero);
             self.source[b as usize] = stamp;
             if self.trace {
                 eprintln!("write block {b} stamp {stamp} buffering {}", self.buffering);
@@ -383,16 +378,20 @@ impl Sim {
         }
     }
 
+    /// The stamp a written block gets: 0 for a zeroing, else the next counter value.
+    fn stamp(&mut self, zero: bool) -> u64 {
+        if zero {
+            return 0;
+        }
+        self.next_stamp += 1;
+        self.next_stamp
+    }
+
     /// A write in sync mode: one frame of the live batch, sent at once (frame `seq`).
     fn write_live(&mut self, id: Epoch, seq: u32, first: u64, n: u64, zero: bool) {
         let mut data = Vec::with_capacity((n * BS) as usize);
         for b in first..first + n {
-            let stamp = if zero {
-                0
-            } else {
-                self.next_stamp += 1;
-                self.next_stamp
-            };
+            let stamp = self.stamp(zero);
             self.source[b as usize] = stamp;
             self.bitmap.insert(b);
             self.open.insert(b, stamp);

@@ -952,6 +952,17 @@ mod tests {
         }
     }
 
+    /// Echoes every datagram that reaches `up` back to its sender (abort the task to stop).
+    fn spawn_echo(up: UdpSocket) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 2048];
+            loop {
+                let (n, from) = up.recv_from(&mut buf).await.unwrap();
+                up.send_to(&buf[..n], from).await.unwrap();
+            }
+        })
+    }
+
     /// The delay is kept to well under a millisecond (a timerfd, not tokio's 1 ms timer wheel,
     /// which made a 1 ms + 1 ms relay a 4.4 ms round trip).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -959,13 +970,7 @@ mod tests {
         let (up, mut cfg) = upstream().await;
         cfg.delay = Duration::from_millis(1);
         let relay = start(cfg).await;
-        let echo = tokio::spawn(async move {
-            let mut buf = vec![0u8; 2048];
-            loop {
-                let (n, from) = up.recv_from(&mut buf).await.unwrap();
-                up.send_to(&buf[..n], from).await.unwrap();
-            }
-        });
+        let echo = spawn_echo(up);
         let c = client(relay.addr).await;
         let mut buf = vec![0u8; 2048];
         let mut rtts = Vec::new();
@@ -992,13 +997,7 @@ mod tests {
         let (up, mut cfg) = upstream().await;
         cfg.delay = Duration::from_millis(40);
         let relay = start(cfg).await;
-        let echo = tokio::spawn(async move {
-            let mut buf = vec![0u8; 2048];
-            loop {
-                let (n, from) = up.recv_from(&mut buf).await.unwrap();
-                up.send_to(&buf[..n], from).await.unwrap();
-            }
-        });
+        let echo = spawn_echo(up);
         let c = client(relay.addr).await;
         let mut buf = vec![0u8; 2048];
         for seq in 0..10u64 {

@@ -558,12 +558,7 @@ impl AgentSession {
     /// is durable once a `Durable` reports more frames than that). `None` if the batch is not
     /// open any more (the connection broke: the write is only in the bitmap).
     pub fn sync_frame(&mut self, id: Epoch) -> Option<u32> {
-        let live = self
-            .retained
-            .iter_mut()
-            .find(|r| r.id == id)
-            .and_then(|r| r.sync.as_mut())
-            .filter(|l| !l.ended)?;
+        let live = self.open_live(id)?;
         let seq = live.frames;
         live.frames += 1;
         Some(seq)
@@ -573,14 +568,18 @@ impl AgentSession {
     /// with the count returned here; the batch then waits for its commit. `None` if it is not
     /// open (dropped at a disconnect: its stream died with the connection).
     pub fn sync_end(&mut self, _now: Instant, id: Epoch) -> Option<u32> {
-        let live = self
-            .retained
+        let live = self.open_live(id)?;
+        live.ended = true;
+        Some(live.frames)
+    }
+
+    /// Live sync batch `id` while it is still open (not ended, not dropped).
+    fn open_live(&mut self, id: Epoch) -> Option<&mut Live> {
+        self.retained
             .iter_mut()
             .find(|r| r.id == id)
             .and_then(|r| r.sync.as_mut())
-            .filter(|l| !l.ended)?;
-        live.ended = true;
-        Some(live.frames)
+            .filter(|l| !l.ended)
     }
 
     /// The open live sync batch, if any.
