@@ -631,6 +631,33 @@ fn fail_code(e: &StoreError) -> FailCode {
     }
 }
 
+type ImageJob = std::thread::JoinHandle<std::io::Result<()>>;
+
+/// Applies the committed batches without stalling the session: the image's fdatasync (tens of
+/// milliseconds after a second of random writes, during which no sync frame could be made
+/// durable) runs on a thread of its own; the store finishes the apply when it is done.
+fn apply_step(store: &mut ReplicaStore, job: &mut Option<ImageJob>) -> Result<(), StoreError> {
+    if let Some(h) = job.take() {
+        if !h.is_finished() {
+            *job = Some(h);
+            return Ok(());
+        }
+        store.apply_done(join_image_sync(h))?;
+    }
+    if let Some(sync) = store.apply_start()? {
+        match std::thread::Builder::new().name("image-sync".into()).spawn(move || sync.run()) {
+            Ok(h) => *job = Some(h),
+            // No thread: the plain apply, which syncs here.
+            Err(_) => store.apply()?,
+        }
+    }
+    Ok(())
+}
+
+fn join_image_sync(h: ImageJob) -> std::io::Result<()> {
+    h.join().unwrap_or_else(|_| Err(std::io::Error::other("the image sync thread panicked")))
+}
+
 /// Owns a replica store for one session: executes commands in order, commits when the queue
 /// runs dry (group commit), applies when idle.
 fn store_thread(
@@ -647,6 +674,8 @@ fn store_thread(
     let mut failed: Option<Epoch> = None;
     let mut last_refresh = Instant::now();
     let mut queue: std::collections::VecDeque<Cmd> = std::collections::VecDeque::new();
+    // The image sync of a running apply (`apply_step`).
+    let mut job: Option<ImageJob> = None;
     loop {
         // Group commit: when the queue runs dry, or at the latest 50 ms after a batch ended
         // while data keeps streaming in.
@@ -662,7 +691,15 @@ fn store_thread(
         } else if let Some(c) = queue.pop_front() {
             Some(c)
         } else {
-            match rx.recv_timeout(Duration::from_millis(if busy { 0 } else { 200 })) {
+            // While the image syncs, look every 2 ms whether it is done.
+            let wait = if busy {
+                0
+            } else if job.is_some() {
+                2
+            } else {
+                200
+            };
+            match rx.recv_timeout(Duration::from_millis(wait)) {
                 Ok(cs) => {
                     queue.extend(cs);
                     queue.pop_front()
@@ -715,7 +752,15 @@ fn store_thread(
                 Ok(())
             }
             Some(Cmd::Hash { id, offset, granularity, count }) => {
-                match store.hashes(offset, granularity, count) {
+                // Hashes are of the image: every committed batch goes into it first.
+                let ready = if store.image_behind() {
+                    job.take()
+                        .map_or(Ok(()), |h| store.apply_done(join_image_sync(h)))
+                        .and_then(|()| store.apply())
+                } else {
+                    Ok(())
+                };
+                match ready.and_then(|()| store.hashes(offset, granularity, count)) {
                     Ok(hashes) => {
                         let _ = replies.send(Reply::Hashes { id, offset, granularity, hashes });
                         Ok(())
@@ -748,7 +793,7 @@ fn store_thread(
                         }
                         Ok(())
                     })
-                    .and_then(|()| store.apply().map_err(|e| (None, e)))
+                    .and_then(|()| apply_step(&mut store, &mut job).map_err(|e| (None, e)))
             }
         };
         if let Err((id, e)) = r {
@@ -779,6 +824,11 @@ fn store_thread(
         if last_refresh.elapsed() >= Duration::from_millis(200) {
             last_refresh = Instant::now();
             refresh(&mut slot.status.lock().unwrap_or_else(|e| e.into_inner()), &store);
+        }
+    }
+    if let Some(h) = job.take() {
+        if let Err(e) = store.apply_done(join_image_sync(h)) {
+            warn!(volume = %slot.name, "replica store: {e}");
         }
     }
     // Session over: seal the open sync batches (the agent may be gone for good: their

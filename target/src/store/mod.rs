@@ -197,6 +197,23 @@ pub struct StoreStatus {
 }
 
 /// One volume's replica. See the module documentation.
+/// The image's fdatasync of an [`ReplicaStore::apply_start`], to run on another thread, then
+/// its clean pages dropped (see `sync_image`). Its result goes to [`ReplicaStore::apply_done`].
+#[derive(Debug)]
+pub struct ImageSync {
+    storage: Arc<dyn Storage>,
+}
+
+impl ImageSync {
+    pub fn run(self) -> std::io::Result<()> {
+        self.storage.sync(IMAGE_FILE)?;
+        if let Err(e) = self.storage.drop_cache(IMAGE_FILE) {
+            tracing::debug!("dropping the image's cached pages: {e}");
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug)]
 pub struct ReplicaStore {
     storage: Arc<dyn Storage>,
@@ -215,6 +232,9 @@ pub struct ReplicaStore {
     held: u64,
     /// Direct writes to the image since its last sync.
     image_dirty: bool,
+    /// The first `n` batches of `to_apply` are written into the image and its sync runs on
+    /// another thread ([`ReplicaStore::apply_start`]); `(n, the boundary they reach)`.
+    applying: Option<(usize, Epoch)>,
     /// Records appended to the journal since its last sync.
     journal_dirty: bool,
     /// Sync frames arrived (or a batch ended, which may let a sync batch after it be
@@ -336,6 +356,7 @@ impl ReplicaStore {
             to_apply: Vec::new(),
             held: 0,
             image_dirty: false,
+            applying: None,
             journal_dirty: false,
             sync_dirty: false,
             recovery_sealed: Vec::new(),
@@ -446,6 +467,7 @@ impl ReplicaStore {
         let direct = h.kind == BatchKind::Initial
             && self.meta.state != ReplicaState::Consistent
             && self.to_apply.is_empty()
+            && self.applying.is_none()
             && self.pending.values().all(|b| b.direct && b.end.is_some())
             && (h.base == self.meta.committed || self.pending.contains_key(&h.base));
         if direct && self.meta.state == ReplicaState::Empty {
@@ -880,6 +902,8 @@ impl ReplicaStore {
 
     /// Writes the committed, unapplied batches into the image in chain order, syncs it,
     /// records `applied` in the metadata and deletes journal segments nobody needs.
+    /// Supersedes an [`ReplicaStore::apply_start`] still running: its batches are written
+    /// and synced again here.
     pub fn apply(&mut self) -> Result<(), StoreError> {
         self.check()?;
         if self.to_apply.is_empty() && !self.meta_dirty {
@@ -892,25 +916,82 @@ impl ReplicaStore {
         // 4. delete journal segments whose records are all applied or dead.
         // A crash before 3 leaves applied where it was, and recovery writes the same bytes
         // again; the journal still holds them because 4 comes last.
-        let batches = std::mem::take(&mut self.to_apply);
-        let r = self.write_batches(&batches);
-        self.to_apply = batches;
-        let wrote = r?;
-        if wrote {
+        self.applying = None;
+        if self.write_unapplied()? {
             self.image_dirty = true;
         }
         self.sync_image()?;
+        self.finish_apply(self.to_apply.len(), self.meta.committed)
+    }
+
+    /// [`ReplicaStore::apply`] for a caller that must not wait for the image's fdatasync,
+    /// which takes tens of milliseconds after a second of random writes (the server's store
+    /// thread: meanwhile it journals sync frames and reports them durable). Steps 1 of apply
+    /// here; step 2 is the returned [`ImageSync`], to run on another thread; its result goes
+    /// to [`ReplicaStore::apply_done`], which does steps 3 and 4. Batches committed
+    /// meanwhile wait for the next apply. `None`: nothing to sync, or all done here (owed
+    /// syncs of direct writes, whose commits rely on `image_dirty`, take the plain way), or
+    /// an apply is already running.
+    pub fn apply_start(&mut self) -> Result<Option<ImageSync>, StoreError> {
+        self.check()?;
+        if self.applying.is_some() {
+            return Ok(None);
+        }
+        if self.to_apply.is_empty() || self.image_dirty {
+            return self.apply().map(|()| None);
+        }
+        if !self.write_unapplied()? {
+            return self.finish_apply(self.to_apply.len(), self.meta.committed).map(|()| None);
+        }
+        self.applying = Some((self.to_apply.len(), self.meta.committed));
+        Ok(Some(ImageSync { storage: self.storage.clone() }))
+    }
+
+    /// Finishes an [`ReplicaStore::apply_start`] with the result of its [`ImageSync`]. A
+    /// failed sync poisons the store (the kernel reports a lost write once), also when a plain
+    /// apply superseded it.
+    pub fn apply_done(&mut self, synced: std::io::Result<()>) -> Result<(), StoreError> {
+        let running = self.applying.take();
+        if let Err(e) = synced {
+            return Err(self.fail_sync(IMAGE_FILE, e));
+        }
+        match running {
+            Some((n, through)) => {
+                self.check()?;
+                self.finish_apply(n, through)
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// True if committed batches are not yet written into the image (an
+    /// [`ReplicaStore::apply_start`] wrote those before it; their sync may still run).
+    pub fn image_behind(&self) -> bool {
+        self.to_apply.len() > self.applying.map_or(0, |(n, _)| n)
+    }
+
+    /// Step 1 of apply for every unapplied batch. True if it wrote.
+    fn write_unapplied(&mut self) -> Result<bool, StoreError> {
+        let batches = std::mem::take(&mut self.to_apply);
+        let r = self.write_batches(&batches);
+        self.to_apply = batches;
+        r
+    }
+
+    /// Steps 3 and 4 of apply, once the image holds the first `n` unapplied batches durably,
+    /// which reach `through`.
+    fn finish_apply(&mut self, n: usize, through: Epoch) -> Result<(), StoreError> {
         let applied = self.meta.applied;
-        self.meta.applied = self.meta.committed;
+        self.meta.applied = through;
         if let Err(e) = self.write_meta() {
             self.meta.applied = applied;
             return Err(e);
         }
-        if !self.to_apply.is_empty() {
+        if n > 0 {
             self.status.applies += 1;
         }
-        self.to_apply.clear();
-        self.held = self.pending.values().map(Batch::held).sum();
+        self.to_apply.drain(..n.min(self.to_apply.len()));
+        self.held = self.pending.values().chain(&self.to_apply).map(Batch::held).sum();
         self.reclaim();
         Ok(())
     }

@@ -69,7 +69,7 @@ impl ReplicaStore {
     }
 
     /// A failed sync always poisons (sled's rule: the page cache may have dropped the data).
-    fn fail_sync(&mut self, file: &str, e: io::Error) -> StoreError {
+    pub(super) fn fail_sync(&mut self, file: &str, e: io::Error) -> StoreError {
         let path = self.storage.describe(file);
         self.poison(format!("syncing {}: {e}", path.display()));
         StoreError::Io { what: "syncing", path, source: e }

@@ -71,6 +71,11 @@ struct Driver {
     /// The newest commit the store acknowledged.
     acked: Epoch,
     allow_reset_mid_batch: bool,
+    /// An apply started with `apply_start` whose image sync has not run yet, and the
+    /// boundary it applies.
+    running: Option<(ImageSync, Epoch)>,
+    /// Split applies finished.
+    split_done: usize,
 }
 
 impl Driver {
@@ -89,6 +94,8 @@ impl Driver {
             boundaries,
             acked: Epoch::ZERO,
             allow_reset_mid_batch: true,
+            running: None,
+            split_done: 0,
         }
     }
 
@@ -133,7 +140,8 @@ impl Driver {
         match self.rng.below(20) {
             0..=11 => self.batch(s),
             12..=15 => self.commit(s),
-            16..=17 => self.apply(s),
+            16 => self.apply(s),
+            17 => self.apply_split(s),
             _ => {
                 if self.rng.below(3) == 0 {
                     s.reset_session()?;
@@ -219,8 +227,36 @@ impl Driver {
         Ok(())
     }
 
+    /// The server's way: `apply_start` now, the image sync and `apply_done` at a later step
+    /// (batches and commits may come in between).
+    fn apply_split(&mut self, s: &mut ReplicaStore) -> Result<(), StoreError> {
+        match self.running.take() {
+            None => match s.apply_start()? {
+                Some(job) => self.running = Some((job, self.committed)),
+                None => self.check_applied(s),
+            },
+            Some((job, through)) => {
+                s.apply_done(job.run())?;
+                assert_eq!(s.meta().applied, through);
+                self.split_done += 1;
+                assert!(
+                    image(s) == self.boundaries[&through],
+                    "image differs from the model at boundary {through} (split apply)"
+                );
+            }
+        }
+        Ok(())
+    }
+
     fn apply(&mut self, s: &mut ReplicaStore) -> Result<(), StoreError> {
+        // A plain apply supersedes a split one still running.
+        self.running = None;
         s.apply()?;
+        self.check_applied(s);
+        Ok(())
+    }
+
+    fn check_applied(&mut self, s: &ReplicaStore) {
         self.unapplied.clear();
         assert_eq!(s.meta().applied, self.committed);
         if self.consistent {
@@ -230,7 +266,6 @@ impl Driver {
                 self.committed
             );
         }
-        Ok(())
     }
 }
 
@@ -247,6 +282,7 @@ fn run_model(seed: u64, storage: Arc<SimStorage>, steps: usize) {
             s = open_sim(&storage, 8 << 10).expect("reopen");
             d.pending.clear();
             d.unapplied.clear();
+            d.running = None;
             d.head = d.committed;
             assert_eq!(s.meta().committed, d.committed);
             assert_eq!(s.meta().applied, d.committed);
@@ -268,6 +304,7 @@ proptest! {
 
 #[test]
 fn chain_against_model_real_files() {
+    let mut split = 0;
     for seed in 0..4u64 {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut d = Driver::new(seed);
@@ -278,6 +315,7 @@ fn chain_against_model_real_files() {
         }
         d.commit(&mut s).expect("commit");
         d.apply(&mut s).expect("apply");
+        split += d.split_done;
         drop(s);
         let s = ReplicaStore::open_dir(dir.path(), VOL, "vol", geometry(), generation())
             .expect("reopen");
@@ -286,6 +324,7 @@ fn chain_against_model_real_files() {
         assert_eq!(meta.committed, d.committed);
         assert!(s.image_path().is_some_and(|p| p.ends_with(IMAGE_FILE)));
     }
+    assert!(split > 0, "no split apply (apply_start, then apply_done later) ran");
 }
 
 /// Test 2: power cuts. Each workload runs once to count its storage steps, then once per
