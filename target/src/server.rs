@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
-use crate::store::{ReplicaStore, Store, StoreError};
+use crate::store::{ApplyStep, ReplicaStore, Store, StoreError};
 
 /// An agent allowed to connect, and which volumes (by name) it may write (`None`: any).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -87,6 +87,9 @@ const STORE_QUEUE: usize = 32;
 /// The longest sync frames wait for their group commit while commands keep coming (when the
 /// queue runs dry they are synced at once).
 const SYNC_GROUP_MAX: Duration = Duration::from_millis(2);
+/// A slice of a split apply (`apply_step`) writes for about this long; while it has more to
+/// write, the store thread takes a slice at least this often, even while commands keep coming.
+const APPLY_SLICE: Duration = Duration::from_millis(4);
 
 enum Cmd {
     Begin(BatchHeader),
@@ -633,9 +636,10 @@ fn fail_code(e: &StoreError) -> FailCode {
 
 type ImageJob = std::thread::JoinHandle<std::io::Result<()>>;
 
-/// Applies the committed batches without stalling the session: the image's fdatasync (tens of
-/// milliseconds after a second of random writes, during which no sync frame could be made
-/// durable) runs on a thread of its own; the store finishes the apply when it is done.
+/// Applies the committed batches without stalling the session (at sync qd32 a plain apply
+/// held every sync write for 60-180 ms once a second): the batches are written in slices of
+/// about [`APPLY_SLICE`] between the commands, and the image's fdatasync runs on a thread of its
+/// own; the store finishes the apply when it is done.
 fn apply_step(store: &mut ReplicaStore, job: &mut Option<ImageJob>) -> Result<(), StoreError> {
     if let Some(h) = job.take() {
         if !h.is_finished() {
@@ -644,7 +648,7 @@ fn apply_step(store: &mut ReplicaStore, job: &mut Option<ImageJob>) -> Result<()
         }
         store.apply_done(join_image_sync(h))?;
     }
-    if let Some(sync) = store.apply_start()? {
+    if let ApplyStep::Sync(sync) = store.apply_start(Instant::now() + APPLY_SLICE)? {
         match std::thread::Builder::new().name("image-sync".into()).spawn(move || sync.run()) {
             Ok(h) => *job = Some(h),
             // No thread: the plain apply, which syncs here.
@@ -676,6 +680,8 @@ fn store_thread(
     let mut queue: std::collections::VecDeque<Cmd> = std::collections::VecDeque::new();
     // The image sync of a running apply (`apply_step`).
     let mut job: Option<ImageJob> = None;
+    // When the store thread was last idle (a split apply's slice is taken there).
+    let mut last_idle = Instant::now();
     loop {
         // Group commit: when the queue runs dry, or at the latest 50 ms after a batch ended
         // while data keeps streaming in.
@@ -683,9 +689,11 @@ fn store_thread(
         if sync_since.is_none() && store.sync_pending() {
             sync_since = Some(Instant::now());
         }
+        let writing = store.apply_writing();
         let overdue = ended.is_some_and(|t| t.elapsed() >= Duration::from_millis(50))
-            || sync_since.is_some_and(|t| t.elapsed() >= SYNC_GROUP_MAX);
-        let busy = ended.is_some() || sync_since.is_some();
+            || sync_since.is_some_and(|t| t.elapsed() >= SYNC_GROUP_MAX)
+            || (writing && last_idle.elapsed() >= APPLY_SLICE);
+        let busy = ended.is_some() || sync_since.is_some() || writing;
         let cmd = if overdue {
             None
         } else if let Some(c) = queue.pop_front() {
@@ -708,6 +716,7 @@ fn store_thread(
                 Err(RecvTimeoutError::Disconnected) => break,
             }
         };
+        let idle = cmd.is_none();
         let r: Result<(), (Option<Epoch>, StoreError)> = match cmd {
             Some(Cmd::Begin(h)) => {
                 if failed == Some(h.id) {
@@ -796,6 +805,9 @@ fn store_thread(
                     .and_then(|()| apply_step(&mut store, &mut job).map_err(|e| (None, e)))
             }
         };
+        if idle {
+            last_idle = Instant::now();
+        }
         if let Err((id, e)) = r {
             warn!(volume = %slot.name, "replica store: {e}");
             slot.status.lock().unwrap_or_else(|e| e.into_inner()).last_error = Some(e.to_string());

@@ -73,6 +73,9 @@ const APPLY_READ_SPAN: u64 = 4 << 20;
 /// window, records are written in offset order, records wholly overwritten later in the window
 /// are skipped and adjacent ones are written together. Windows follow the chain order.
 const APPLY_WINDOW: u64 = 64 << 20;
+/// The window of a split apply's slices ([`ReplicaStore::apply_start`]): about a millisecond
+/// of 4 KiB writes.
+const APPLY_STEP_WINDOW: u64 = 1 << 20;
 /// The most payload bytes of unapplied records the store keeps in memory (so apply need not
 /// read them back from the journal); records beyond it are read back.
 const MAX_HELD: u64 = 256 << 20;
@@ -84,6 +87,8 @@ const APPLY_IOV: usize = 256;
 pub struct Options {
     /// A new journal segment is started once the active one would grow past this.
     pub segment_size: u64,
+    /// The window of a split apply's slices ([`ReplicaStore::apply_start`]).
+    pub slice_window: u64,
 }
 
 impl Default for Options {
@@ -91,7 +96,7 @@ impl Default for Options {
         // Small enough that applied records are freed in steps of at most 16 MiB (the
         // active segment is deleted only after it rolls), large enough that rolling (one
         // fsync and one file creation) is rare.
-        Options { segment_size: 16 << 20 }
+        Options { segment_size: 16 << 20, slice_window: APPLY_STEP_WINDOW }
     }
 }
 
@@ -197,6 +202,29 @@ pub struct StoreStatus {
 }
 
 /// One volume's replica. See the module documentation.
+/// A split apply in progress: it covers the first `n` batches of `to_apply`, which reach
+/// `through`; `next` is the (batch, record) to write next, `None` once all are written and the
+/// image's sync runs.
+#[derive(Clone, Copy, Debug)]
+struct Applying {
+    n: usize,
+    through: Epoch,
+    next: Option<(usize, usize)>,
+    wrote: bool,
+}
+
+/// What [`ReplicaStore::apply_start`] did.
+#[derive(Debug)]
+pub enum ApplyStep {
+    /// Nothing (left) to do now: applied here, nothing to apply, or the image sync runs.
+    Idle,
+    /// Wrote part of the batches: call again.
+    More,
+    /// All written: run this (on another thread) and give its result to
+    /// [`ReplicaStore::apply_done`].
+    Sync(ImageSync),
+}
+
 /// The image's fdatasync of an [`ReplicaStore::apply_start`], to run on another thread, then
 /// its clean pages dropped (see `sync_image`). Its result goes to [`ReplicaStore::apply_done`].
 #[derive(Debug)]
@@ -232,9 +260,8 @@ pub struct ReplicaStore {
     held: u64,
     /// Direct writes to the image since its last sync.
     image_dirty: bool,
-    /// The first `n` batches of `to_apply` are written into the image and its sync runs on
-    /// another thread ([`ReplicaStore::apply_start`]); `(n, the boundary they reach)`.
-    applying: Option<(usize, Epoch)>,
+    /// A split apply ([`ReplicaStore::apply_start`]) of the first batches of `to_apply`.
+    applying: Option<Applying>,
     /// Records appended to the journal since its last sync.
     journal_dirty: bool,
     /// Sync frames arrived (or a batch ended, which may let a sync batch after it be
@@ -924,27 +951,55 @@ impl ReplicaStore {
         self.finish_apply(self.to_apply.len(), self.meta.committed)
     }
 
-    /// [`ReplicaStore::apply`] for a caller that must not wait for the image's fdatasync,
-    /// which takes tens of milliseconds after a second of random writes (the server's store
-    /// thread: meanwhile it journals sync frames and reports them durable). Steps 1 of apply
-    /// here; step 2 is the returned [`ImageSync`], to run on another thread; its result goes
-    /// to [`ReplicaStore::apply_done`], which does steps 3 and 4. Batches committed
-    /// meanwhile wait for the next apply. `None`: nothing to sync, or all done here (owed
-    /// syncs of direct writes, whose commits rely on `image_dirty`, take the plain way), or
-    /// an apply is already running.
-    pub fn apply_start(&mut self) -> Result<Option<ImageSync>, StoreError> {
+    /// [`ReplicaStore::apply`] for a caller that must not stall on it (the server's store
+    /// thread: meanwhile it journals sync frames and reports them durable). After a second
+    /// of random 4 KiB writes, step 1 takes tens of milliseconds and the image's fdatasync as
+    /// many again. Here step 1 is done a slice at a time (windows until `until` has passed;
+    /// [`ApplyStep::More`]: call again), then step 2 is handed out ([`ApplyStep::Sync`]) to
+    /// run on another thread; its result goes to [`ReplicaStore::apply_done`], which does
+    /// steps 3 and 4. The apply covers the batches committed when it began; later ones wait
+    /// for the next. Owed syncs of direct writes (their commits rely on `image_dirty`) take
+    /// the plain way.
+    pub fn apply_start(&mut self, until: std::time::Instant) -> Result<ApplyStep, StoreError> {
         self.check()?;
-        if self.applying.is_some() {
-            return Ok(None);
+        let mut a = match self.applying {
+            Some(a) => a,
+            None if self.to_apply.is_empty() || self.image_dirty => {
+                return self.apply().map(|()| ApplyStep::Idle);
+            }
+            None => Applying {
+                n: self.to_apply.len(),
+                through: self.meta.committed,
+                next: Some((0, 0)),
+                wrote: false,
+            },
+        };
+        let Some(from) = a.next else {
+            return Ok(ApplyStep::Idle);
+        };
+        let batches = std::mem::take(&mut self.to_apply);
+        let r = self.write_batches(&batches[..a.n], from, self.opts.slice_window, Some(until));
+        self.to_apply = batches;
+        let (next, wrote) = match r {
+            Ok(x) => x,
+            Err(e) => {
+                self.applying = None;
+                return Err(e);
+            }
+        };
+        a.wrote |= wrote;
+        if next.0 < a.n {
+            a.next = Some(next);
+            self.applying = Some(a);
+            return Ok(ApplyStep::More);
         }
-        if self.to_apply.is_empty() || self.image_dirty {
-            return self.apply().map(|()| None);
+        if !a.wrote {
+            self.applying = None;
+            return self.finish_apply(a.n, a.through).map(|()| ApplyStep::Idle);
         }
-        if !self.write_unapplied()? {
-            return self.finish_apply(self.to_apply.len(), self.meta.committed).map(|()| None);
-        }
-        self.applying = Some((self.to_apply.len(), self.meta.committed));
-        Ok(Some(ImageSync { storage: self.storage.clone() }))
+        a.next = None;
+        self.applying = Some(a);
+        Ok(ApplyStep::Sync(ImageSync { storage: self.storage.clone() }))
     }
 
     /// Finishes an [`ReplicaStore::apply_start`] with the result of its [`ImageSync`]. A
@@ -956,26 +1011,35 @@ impl ReplicaStore {
             return Err(self.fail_sync(IMAGE_FILE, e));
         }
         match running {
-            Some((n, through)) => {
+            Some(a) if a.next.is_none() => {
                 self.check()?;
-                self.finish_apply(n, through)
+                self.finish_apply(a.n, a.through)
             }
-            None => Ok(()),
+            // Superseded meanwhile.
+            _ => Ok(()),
         }
     }
 
-    /// True if committed batches are not yet written into the image (an
-    /// [`ReplicaStore::apply_start`] wrote those before it; their sync may still run).
+    /// True while a split apply has more to write (`ApplyStep::More` was the last answer).
+    pub fn apply_writing(&self) -> bool {
+        self.applying.is_some_and(|a| a.next.is_some())
+    }
+
+    /// True if committed batches are not all in the image yet (the sync of those a split
+    /// apply wrote may still run).
     pub fn image_behind(&self) -> bool {
-        self.to_apply.len() > self.applying.map_or(0, |(n, _)| n)
+        match self.applying {
+            Some(a) => a.next.is_some() || self.to_apply.len() > a.n,
+            None => !self.to_apply.is_empty(),
+        }
     }
 
     /// Step 1 of apply for every unapplied batch. True if it wrote.
     fn write_unapplied(&mut self) -> Result<bool, StoreError> {
         let batches = std::mem::take(&mut self.to_apply);
-        let r = self.write_batches(&batches);
+        let r = self.write_batches(&batches, (0, 0), APPLY_WINDOW, None);
         self.to_apply = batches;
-        r
+        r.map(|(_, wrote)| wrote)
     }
 
     /// Steps 3 and 4 of apply, once the image holds the first `n` unapplied batches durably,
@@ -996,17 +1060,26 @@ impl ReplicaStore {
         Ok(())
     }
 
-    /// Step 1 of apply: the data records of `batches` into the image. True if it wrote.
-    /// Records are taken in windows of up to [`APPLY_WINDOW`] bytes (see there); bytes not
-    /// held in memory are read back from the journal and checked.
-    fn write_batches(&mut self, batches: &[Batch]) -> Result<bool, StoreError> {
+    /// Step 1 of apply: the data records of `batches` into the image, from record `from`
+    /// (batch, record), in windows of up to `window_size` bytes (see [`APPLY_WINDOW`]); with
+    /// `until`, it stops after the first window that ends past it. Returns where it stopped
+    /// (`(batches.len(), 0)`: at the end) and whether it wrote. Bytes not held in memory are
+    /// read back from the journal and checked.
+    fn write_batches(
+        &mut self,
+        batches: &[Batch],
+        from: (usize, usize),
+        window_size: u64,
+        until: Option<std::time::Instant>,
+    ) -> Result<((usize, usize), bool), StoreError> {
         let mut window: Vec<Put> = Vec::new();
         // Records of the window to read from the journal: (index in window, batch, record).
         let mut reads: Vec<(usize, &Batch, Loc)> = Vec::new();
         let mut bytes = 0u64;
         let mut wrote = false;
-        for b in batches {
-            for r in &b.recs {
+        for (bi, b) in batches.iter().enumerate().skip(from.0) {
+            let first = if bi == from.0 { from.1 } else { 0 };
+            for (ri, r) in b.recs.iter().enumerate().skip(first) {
                 let data = match &r.data {
                     Held::Zero => None,
                     Held::Mem(d) => Some(d.clone()),
@@ -1017,12 +1090,18 @@ impl ReplicaStore {
                 };
                 window.push(Put { offset: r.offset, length: r.length, data });
                 bytes += u64::from(r.length);
-                if bytes >= APPLY_WINDOW {
+                if bytes >= window_size {
                     self.read_back(&mut window, &reads)?;
                     self.write_window(&window)?;
                     (wrote, bytes) = (true, 0);
                     window.clear();
                     reads.clear();
+                    if until.is_some_and(|t| std::time::Instant::now() >= t) {
+                        let next = if ri + 1 < b.recs.len() { (bi, ri + 1) } else { (bi + 1, 0) };
+                        if next.0 < batches.len() {
+                            return Ok((next, wrote));
+                        }
+                    }
                 }
             }
         }
@@ -1031,7 +1110,7 @@ impl ReplicaStore {
             self.write_window(&window)?;
             wrote = true;
         }
-        Ok(wrote)
+        Ok(((batches.len(), 0), wrote))
     }
 
     /// Fills the bytes of `reads` (records of `window` not held in memory) from the journal,

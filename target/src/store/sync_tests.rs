@@ -17,7 +17,14 @@ fn open_sim(st: &Arc<SimStorage>) -> Result<ReplicaStore, StoreError> {
     let storage: Arc<dyn Storage> = st.clone();
     let g = Geometry::new(BS * BLOCKS, BS as u32).expect("geometry");
     let gen = Generation::new(42).expect("generation");
-    ReplicaStore::open_with(storage, VOL, "vol", g, gen, Options { segment_size: 16 << 10 })
+    ReplicaStore::open_with(
+        storage,
+        VOL,
+        "vol",
+        g,
+        gen,
+        Options { segment_size: 16 << 10, ..Options::default() },
+    )
 }
 
 fn image(s: &ReplicaStore) -> Vec<u8> {

@@ -26,7 +26,14 @@ fn generation() -> Generation {
 
 fn open_sim(st: &Arc<SimStorage>, segment_size: u64) -> Result<ReplicaStore, StoreError> {
     let storage: Arc<dyn Storage> = st.clone();
-    ReplicaStore::open_with(storage, VOL, "vol", geometry(), generation(), Options { segment_size })
+    ReplicaStore::open_with(
+        storage,
+        VOL,
+        "vol",
+        geometry(),
+        generation(),
+        Options { segment_size, slice_window: BS },
+    )
 }
 
 fn image(s: &ReplicaStore) -> Vec<u8> {
@@ -74,8 +81,9 @@ struct Driver {
     /// An apply started with `apply_start` whose image sync has not run yet, and the
     /// boundary it applies.
     running: Option<(ImageSync, Epoch)>,
-    /// Split applies finished.
+    /// Split applies finished, and slices that left more to write.
     split_done: usize,
+    slices: usize,
 }
 
 impl Driver {
@@ -96,6 +104,7 @@ impl Driver {
             allow_reset_mid_batch: true,
             running: None,
             split_done: 0,
+            slices: 0,
         }
     }
 
@@ -197,6 +206,14 @@ impl Driver {
     }
 
     fn commit(&mut self, s: &mut ReplicaStore) -> Result<(), StoreError> {
+        if self.commit_only(s)? && self.rng.below(2) == 0 {
+            self.apply(s)?;
+        }
+        Ok(())
+    }
+
+    /// Commits what the model predicts; true if something was committed.
+    fn commit_only(&mut self, s: &mut ReplicaStore) -> Result<bool, StoreError> {
         let predicted = self.predict();
         let mut next_img = self.img.clone();
         if let Some((e, ids)) = &predicted {
@@ -220,21 +237,48 @@ impl Driver {
             self.acked = e;
             self.consistent = true;
             self.img = next_img;
-            if self.rng.below(2) == 0 {
-                self.apply(s)?;
-            }
+            return Ok(true);
         }
-        Ok(())
+        Ok(false)
     }
 
     /// The server's way: `apply_start` now, the image sync and `apply_done` at a later step
     /// (batches and commits may come in between).
     fn apply_split(&mut self, s: &mut ReplicaStore) -> Result<(), StoreError> {
         match self.running.take() {
-            None => match s.apply_start()? {
-                Some(job) => self.running = Some((job, self.committed)),
-                None => self.check_applied(s),
-            },
+            None => {
+                // Slices of one window (one block: the store's options), or all at once.
+                let until = if self.rng.below(2) == 0 {
+                    std::time::Instant::now()
+                } else {
+                    std::time::Instant::now() + std::time::Duration::from_secs(60)
+                };
+                let through = self.committed;
+                loop {
+                    match s.apply_start(until)? {
+                        ApplyStep::More => {
+                            self.slices += 1;
+                            // Batches and commits may come between slices.
+                            if self.rng.below(3) == 0 {
+                                self.batch(s)?;
+                            }
+                            if self.rng.below(4) == 0 {
+                                self.commit_only(s)?;
+                            }
+                        }
+                        ApplyStep::Sync(job) => {
+                            self.running = Some((job, through));
+                            break;
+                        }
+                        ApplyStep::Idle => {
+                            if through == self.committed {
+                                self.check_applied(s);
+                            }
+                            break;
+                        }
+                    }
+                }
+            }
             Some((job, through)) => {
                 s.apply_done(job.run())?;
                 assert_eq!(s.meta().applied, through);
@@ -272,7 +316,7 @@ impl Driver {
 /// Property test 1: random batches (gaps, resync barriers, abandoned resyncs, initial
 /// batches, drops and session resets), commit/apply at random points; after every apply the
 /// image equals the model at the committed boundary. Also reopens (recovery) now and then.
-fn run_model(seed: u64, storage: Arc<SimStorage>, steps: usize) {
+fn run_model(seed: u64, storage: Arc<SimStorage>, steps: usize) -> (usize, usize) {
     let mut d = Driver::new(seed);
     let mut s = open_sim(&storage, 8 << 10).expect("open");
     for i in 0..steps {
@@ -292,6 +336,20 @@ fn run_model(seed: u64, storage: Arc<SimStorage>, steps: usize) {
         }
     }
     assert!(!s.status().poisoned);
+    (d.split_done, d.slices)
+}
+
+/// The server's split apply, a block per slice, with batches and commits between slices
+/// and reopens between its start and its end: the model's checks hold, and it did run.
+#[test]
+fn split_apply_in_slices_against_model() {
+    let (mut split, mut slices) = (0, 0);
+    for seed in 0..16u64 {
+        let (a, b) = run_model(seed, Arc::new(SimStorage::new()), 300);
+        split += a;
+        slices += b;
+    }
+    assert!(split > 0 && slices > 0, "split applies {split}, slices with more to write {slices}");
 }
 
 proptest! {
@@ -304,7 +362,7 @@ proptest! {
 
 #[test]
 fn chain_against_model_real_files() {
-    let mut split = 0;
+    let (mut split, mut slices) = (0, 0);
     for seed in 0..4u64 {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut d = Driver::new(seed);
@@ -316,6 +374,7 @@ fn chain_against_model_real_files() {
         d.commit(&mut s).expect("commit");
         d.apply(&mut s).expect("apply");
         split += d.split_done;
+        slices += d.slices;
         drop(s);
         let s = ReplicaStore::open_dir(dir.path(), VOL, "vol", geometry(), generation())
             .expect("reopen");
@@ -325,6 +384,7 @@ fn chain_against_model_real_files() {
         assert!(s.image_path().is_some_and(|p| p.ends_with(IMAGE_FILE)));
     }
     assert!(split > 0, "no split apply (apply_start, then apply_done later) ran");
+    assert_eq!(slices, 0, "one slice window here is 1 MiB, more than these batches");
 }
 
 /// Test 2: power cuts. Each workload runs once to count its storage steps, then once per
