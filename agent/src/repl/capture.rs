@@ -273,7 +273,12 @@ pub struct Capture {
     in_flight: Mutex<InFlight>,
     released: Notify,
     event: Notify,
+    /// The live queue set up by [`Capture::hold_from_start`], until the driver takes it.
+    start_queue: Mutex<Option<LiveQueue>>,
 }
+
+/// Both ends of a live queue: what the capture sends live writes into, and the driver reads.
+pub type LiveQueue = (mpsc::UnboundedSender<LiveWrite>, mpsc::UnboundedReceiver<LiveWrite>);
 
 impl Capture {
     /// The capture of a volume of `size` bytes tracked in blocks of `block_size` (a power of
@@ -309,7 +314,24 @@ impl Capture {
             in_flight: Mutex::new(InFlight::default()),
             released: Notify::new(),
             event: Notify::new(),
+            start_queue: Mutex::new(None),
         })
+    }
+
+    /// Sync mode with the `block` policy: from now on every write goes into a live queue
+    /// (and waits for its answer) until the replication driver takes the queue
+    /// ([`Capture::take_start_queue`]) and answers them. Called before the NBD server
+    /// binds, so that not even a write that comes before the driver starts is acknowledged
+    /// before the DR site has it.
+    pub fn hold_from_start(&self) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.set_live(Some(tx.clone()));
+        *lock(&self.start_queue) = Some((tx, rx));
+    }
+
+    /// The live queue of [`Capture::hold_from_start`], if it was set up (once).
+    pub fn take_start_queue(&self) -> Option<LiveQueue> {
+        lock(&self.start_queue).take()
     }
 
     pub fn size(&self) -> u64 {
@@ -1455,6 +1477,23 @@ mod tests {
             println!("capture of a 4 KiB write ({label}): {per:?} each");
             assert!(per < std::time::Duration::from_micros(2), "{per:?}");
         }
+    }
+
+    /// Block policy: writes before the driver runs wait in the start queue, which the
+    /// driver takes once.
+    #[tokio::test]
+    async fn writes_are_held_from_the_start() {
+        let c = Capture::new(64 * BS, BS as u32, 1 << 20);
+        c.hold_from_start();
+        assert!(c.is_live());
+        let d = vec![3u8; BS as usize];
+        let w = begin(&c, 0, BS).data(&d).expect("a write before the driver waits");
+        let (_tx, mut rx) = c.take_start_queue().expect("the start queue");
+        assert!(c.take_start_queue().is_none());
+        let lw = rx.try_recv().expect("the write is queued for the driver");
+        assert_eq!(lw.epoch, 1);
+        lw.done.send(SyncOutcome::Failed("no target".into())).unwrap();
+        assert!(matches!(w.outcome().await, SyncOutcome::Failed(_)));
     }
 
     #[tokio::test]

@@ -31,6 +31,11 @@ pub fn captures(config: &Config) -> Result<HashMap<String, Arc<Capture>>, String
         let opts = r.options().map_err(|e| format!("volume {:?}: {e}", volume.meta.name))?;
         let c = Capture::new(volume.meta.size, volume.meta.block_size, opts.budget);
         c.set_threshold(opts.epoch_bytes);
+        if opts.mode == blockferry_protocol::repl::msg::Mode::Sync
+            && opts.on_disconnect == shipper::OnDisconnect::Block
+        {
+            c.hold_from_start();
+        }
         out.insert(volume.meta.name.clone(), c);
     }
     Ok(out)

@@ -324,7 +324,11 @@ pub fn spawn(
     let (verify_tx, mut verify_rx) = mpsc::unbounded_channel();
     let (mode_tx, mut mode_rx) = mpsc::unbounded_channel::<(Mode, oneshot::Sender<ModeChange>)>();
     let now = Instant::now();
-    let sync = live::SyncState::new(opts.mode == Mode::Sync);
+    let mut sync = live::SyncState::new(opts.mode == Mode::Sync);
+    if let Some((tx, rx)) = parts.capture.take_start_queue() {
+        // Writes held since before the NBD server bound (block policy).
+        (sync.tx, sync.rx) = (tx, rx);
+    }
     let mut d = Driver {
         session: AgentSession::new(cfg, now),
         limiter: opts.bandwidth.map(|b| Arc::new(Limiter::new(b))),
