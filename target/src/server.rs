@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
-use crate::store::{ApplyStep, ReplicaStore, Store, StoreError};
+use crate::store::{ApplyStep, ImageSync, JobError, ReplicaStore, Store, StoreError};
 
 /// An agent allowed to connect, and which volumes (by name) it may write (`None`: any).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -634,7 +634,7 @@ fn fail_code(e: &StoreError) -> FailCode {
     }
 }
 
-type ImageJob = std::thread::JoinHandle<std::io::Result<()>>;
+type ImageJob = std::thread::JoinHandle<Result<(), JobError>>;
 
 /// Applies the committed batches without stalling the session (at sync qd32 a plain apply
 /// held every sync write for 60-180 ms once a second): the batches are written in slices of
@@ -649,17 +649,28 @@ fn apply_step(store: &mut ReplicaStore, job: &mut Option<ImageJob>) -> Result<()
         store.apply_done(join_image_sync(h))?;
     }
     if let ApplyStep::Sync(sync) = store.apply_start(Instant::now() + APPLY_SLICE)? {
-        match std::thread::Builder::new().name("image-sync".into()).spawn(move || sync.run()) {
-            Ok(h) => *job = Some(h),
-            // No thread: the plain apply, which syncs here.
-            Err(_) => store.apply()?,
+        // The job goes over a channel once the thread exists, so that it can run here if
+        // no thread can be started.
+        let (tx, rx) = std::sync::mpsc::channel::<ImageSync>();
+        let spawned = std::thread::Builder::new().name("image-apply".into()).spawn(move || {
+            rx.recv()
+                .map_err(|_| JobError::Sync(std::io::Error::other("no job")))
+                .and_then(ImageSync::run)
+        });
+        match spawned {
+            Ok(h) => {
+                let _ = tx.send(sync);
+                *job = Some(h);
+            }
+            Err(_) => store.apply_done(sync.run())?,
         }
     }
     Ok(())
 }
 
-fn join_image_sync(h: ImageJob) -> std::io::Result<()> {
-    h.join().unwrap_or_else(|_| Err(std::io::Error::other("the image sync thread panicked")))
+fn join_image_sync(h: ImageJob) -> Result<(), JobError> {
+    h.join()
+        .unwrap_or_else(|_| Err(JobError::Sync(std::io::Error::other("the apply thread panicked"))))
 }
 
 /// Owns a replica store for one session: executes commands in order, commits when the queue

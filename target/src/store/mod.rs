@@ -89,6 +89,8 @@ pub struct Options {
     pub segment_size: u64,
     /// The window of a split apply's slices ([`ReplicaStore::apply_start`]).
     pub slice_window: u64,
+    /// Payload bytes kept in memory for apply ([`MAX_HELD`]).
+    pub max_held: u64,
 }
 
 impl Default for Options {
@@ -96,7 +98,7 @@ impl Default for Options {
         // Small enough that applied records are freed in steps of at most 16 MiB (the
         // active segment is deleted only after it rolls), large enough that rolling (one
         // fsync and one file creation) is rare.
-        Options { segment_size: 16 << 20, slice_window: APPLY_STEP_WINDOW }
+        Options { segment_size: 16 << 20, slice_window: APPLY_STEP_WINDOW, max_held: MAX_HELD }
     }
 }
 
@@ -211,6 +213,8 @@ struct Applying {
     through: Epoch,
     next: Option<(usize, usize)>,
     wrote: bool,
+    /// The [`ImageSync`] writes the batches too (they were all held in memory).
+    job_writes: bool,
 }
 
 /// What [`ReplicaStore::apply_start`] did.
@@ -230,11 +234,39 @@ pub enum ApplyStep {
 #[derive(Debug)]
 pub struct ImageSync {
     storage: Arc<dyn Storage>,
+    /// Step 1 too, when every record was held in memory: these writes, in chain order,
+    /// before the sync.
+    puts: Vec<Put>,
 }
 
 impl ImageSync {
-    pub fn run(self) -> std::io::Result<()> {
-        self.storage.sync(IMAGE_FILE)?;
+    /// True if it writes the batches too (not only the sync).
+    pub fn writes(&self) -> bool {
+        !self.puts.is_empty()
+    }
+}
+
+/// How an [`ImageSync`] failed.
+#[derive(Debug)]
+pub enum JobError {
+    /// Writing the batches (a full disk is not fatal: the apply is tried again).
+    Write(std::io::Error),
+    /// The sync (always fatal: the page cache may have dropped the data).
+    Sync(std::io::Error),
+}
+
+impl ImageSync {
+    pub fn run(self) -> Result<(), JobError> {
+        let mut bytes = 0u64;
+        let mut from = 0;
+        for (i, p) in self.puts.iter().enumerate() {
+            bytes += u64::from(p.length);
+            if bytes >= APPLY_WINDOW || i + 1 == self.puts.len() {
+                write_puts(&*self.storage, &self.puts[from..=i]).map_err(JobError::Write)?;
+                (from, bytes) = (i + 1, 0);
+            }
+        }
+        self.storage.sync(IMAGE_FILE).map_err(JobError::Sync)?;
         if let Err(e) = self.storage.drop_cache(IMAGE_FILE) {
             tracing::debug!("dropping the image's cached pages: {e}");
         }
@@ -656,7 +688,7 @@ impl ReplicaStore {
                 let len = rec_len(k);
                 let held = match data {
                     None => Held::Zero,
-                    Some(d) if self.held + d.len() as u64 <= MAX_HELD => {
+                    Some(d) if self.held + d.len() as u64 <= self.opts.max_held => {
                         self.held += d.len() as u64;
                         Held::Mem(d.clone())
                     }
@@ -929,8 +961,9 @@ impl ReplicaStore {
 
     /// Writes the committed, unapplied batches into the image in chain order, syncs it,
     /// records `applied` in the metadata and deletes journal segments nobody needs.
-    /// Supersedes an [`ReplicaStore::apply_start`] still running: its batches are written
-    /// and synced again here.
+    /// Supersedes a split apply ([`ReplicaStore::apply_start`]) that writes in slices here: its
+    /// batches are written and synced again. Not while its [`ImageSync`] runs: take that
+    /// first ([`ReplicaStore::apply_done`]).
     pub fn apply(&mut self) -> Result<(), StoreError> {
         self.check()?;
         if self.to_apply.is_empty() && !self.meta_dirty {
@@ -943,6 +976,12 @@ impl ReplicaStore {
         // 4. delete journal segments whose records are all applied or dead.
         // A crash before 3 leaves applied where it was, and recovery writes the same bytes
         // again; the journal still holds them because 4 comes last.
+        // An ImageSync that writes must have finished (its `apply_done` taken): it would
+        // write older data after this.
+        debug_assert!(
+            !self.applying.is_some_and(|a| a.job_writes),
+            "apply() while an apply job writes"
+        );
         self.applying = None;
         if self.write_unapplied()? {
             self.image_dirty = true;
@@ -967,12 +1006,30 @@ impl ReplicaStore {
             None if self.to_apply.is_empty() || self.image_dirty => {
                 return self.apply().map(|()| ApplyStep::Idle);
             }
-            None => Applying {
-                n: self.to_apply.len(),
-                through: self.meta.committed,
-                next: Some((0, 0)),
-                wrote: false,
-            },
+            None => {
+                let (n, through) = (self.to_apply.len(), self.meta.committed);
+                let held = |r: &Rec| matches!(r.data, Held::Mem(_) | Held::Zero);
+                if self.to_apply.iter().all(|b| b.recs.iter().all(held)) {
+                    // All in memory: the writes go to the other thread with the sync.
+                    let puts = self
+                        .to_apply
+                        .iter()
+                        .flat_map(|b| &b.recs)
+                        .map(|r| Put {
+                            offset: r.offset,
+                            length: r.length,
+                            data: match &r.data {
+                                Held::Mem(d) => Some(d.clone()),
+                                _ => None,
+                            },
+                        })
+                        .collect();
+                    self.applying =
+                        Some(Applying { n, through, next: None, wrote: true, job_writes: true });
+                    return Ok(ApplyStep::Sync(ImageSync { storage: self.storage.clone(), puts }));
+                }
+                Applying { n, through, next: Some((0, 0)), wrote: false, job_writes: false }
+            }
         };
         let Some(from) = a.next else {
             return Ok(ApplyStep::Idle);
@@ -999,16 +1056,19 @@ impl ReplicaStore {
         }
         a.next = None;
         self.applying = Some(a);
-        Ok(ApplyStep::Sync(ImageSync { storage: self.storage.clone() }))
+        Ok(ApplyStep::Sync(ImageSync { storage: self.storage.clone(), puts: Vec::new() }))
     }
 
     /// Finishes an [`ReplicaStore::apply_start`] with the result of its [`ImageSync`]. A
     /// failed sync poisons the store (the kernel reports a lost write once), also when a plain
     /// apply superseded it.
-    pub fn apply_done(&mut self, synced: std::io::Result<()>) -> Result<(), StoreError> {
+    pub fn apply_done(&mut self, done: Result<(), JobError>) -> Result<(), StoreError> {
         let running = self.applying.take();
-        if let Err(e) = synced {
-            return Err(self.fail_sync(IMAGE_FILE, e));
+        match done {
+            Ok(()) => {}
+            // Not poisoned (a full disk): the batches stay unapplied, the next apply retries.
+            Err(JobError::Write(e)) => return Err(self.fail("applying to", IMAGE_FILE, e)),
+            Err(JobError::Sync(e)) => return Err(self.fail_sync(IMAGE_FILE, e)),
         }
         match running {
             Some(a) if a.next.is_none() => {
@@ -1029,7 +1089,7 @@ impl ReplicaStore {
     /// apply wrote may still run).
     pub fn image_behind(&self) -> bool {
         match self.applying {
-            Some(a) => a.next.is_some() || self.to_apply.len() > a.n,
+            Some(a) => a.job_writes || a.next.is_some() || self.to_apply.len() > a.n,
             None => !self.to_apply.is_empty(),
         }
     }
@@ -1183,68 +1243,7 @@ impl ReplicaStore {
     /// data in one vectored write and adjacent zero ranges in one punch. Records that overlap
     /// partially keep their chain order among themselves, so the result is the chain order's.
     fn write_window(&mut self, w: &[Put]) -> Result<(), StoreError> {
-        // Chain positions sorted by offset (ties in chain order).
-        let mut idx: Vec<usize> = (0..w.len()).collect();
-        idx.sort_by_key(|&i| (w[i].offset, i));
-        let mut order: Vec<usize> = Vec::with_capacity(w.len());
-        let mut k = 0;
-        while k < idx.len() {
-            // A cluster: records that overlap, directly or through others.
-            let mut end = w[idx[k]].end();
-            let mut j = k + 1;
-            while j < idx.len() && w[idx[j]].offset < end {
-                end = end.max(w[idx[j]].end());
-                j += 1;
-            }
-            let cluster = &mut idx[k..j];
-            if cluster.len() == 1 {
-                order.push(cluster[0]);
-            } else {
-                cluster.sort_unstable();
-                // Quadratic: the cover test only for small clusters (an overwrite or a few);
-                // a larger one is written whole, in chain order.
-                let small = cluster.len() <= 64;
-                for (p, &i) in cluster.iter().enumerate() {
-                    let covered = small
-                        && cluster[p + 1..]
-                            .iter()
-                            .any(|&l| w[l].offset <= w[i].offset && w[l].end() >= w[i].end());
-                    if !covered {
-                        order.push(i);
-                    }
-                }
-            }
-            k = j;
-        }
-        let mut parts: Vec<&[u8]> = Vec::new();
-        let mut i = 0;
-        while i < order.len() {
-            let first = &w[order[i]];
-            let mut end = first.end();
-            let mut j = i + 1;
-            while let Some(next) = order.get(j).map(|&n| &w[n]) {
-                let same_kind = next.data.is_some() == first.data.is_some();
-                if next.offset != end || !same_kind || j - i >= APPLY_IOV {
-                    break;
-                }
-                end = next.end();
-                j += 1;
-            }
-            let r = if first.data.is_some() {
-                parts.clear();
-                parts.extend(order[i..j].iter().filter_map(|&n| w[n].data.as_deref()));
-                if let [one] = parts[..] {
-                    self.storage.write_at(IMAGE_FILE, first.offset, one)
-                } else {
-                    self.storage.write_vectored_at(IMAGE_FILE, first.offset, &parts)
-                }
-            } else {
-                self.storage.zero(IMAGE_FILE, first.offset, end - first.offset)
-            };
-            r.map_err(|e| self.fail("applying to", IMAGE_FILE, e))?;
-            i = j;
-        }
-        Ok(())
+        write_puts(&*self.storage, w).map_err(|e| self.fail("applying to", IMAGE_FILE, e))
     }
 
     /// blake3 hashes of `count` chunks of `granularity` bytes of the image from `offset`
@@ -1299,4 +1298,71 @@ impl ReplicaStore {
         buf[n..].fill(0);
         Ok(())
     }
+}
+
+/// Writes a window of apply into the image: in offset order, skipping records wholly
+/// overwritten later in the window, adjacent ones together.
+fn write_puts(storage: &dyn Storage, w: &[Put]) -> std::io::Result<()> {
+    // Chain positions sorted by offset (ties in chain order).
+    let mut idx: Vec<usize> = (0..w.len()).collect();
+    idx.sort_by_key(|&i| (w[i].offset, i));
+    let mut order: Vec<usize> = Vec::with_capacity(w.len());
+    let mut k = 0;
+    while k < idx.len() {
+        // A cluster: records that overlap, directly or through others.
+        let mut end = w[idx[k]].end();
+        let mut j = k + 1;
+        while j < idx.len() && w[idx[j]].offset < end {
+            end = end.max(w[idx[j]].end());
+            j += 1;
+        }
+        let cluster = &mut idx[k..j];
+        if cluster.len() == 1 {
+            order.push(cluster[0]);
+        } else {
+            cluster.sort_unstable();
+            // Quadratic: the cover test only for small clusters (an overwrite or a few);
+            // a larger one is written whole, in chain order.
+            let small = cluster.len() <= 64;
+            for (p, &i) in cluster.iter().enumerate() {
+                let covered = small
+                    && cluster[p + 1..]
+                        .iter()
+                        .any(|&l| w[l].offset <= w[i].offset && w[l].end() >= w[i].end());
+                if !covered {
+                    order.push(i);
+                }
+            }
+        }
+        k = j;
+    }
+    let mut parts: Vec<&[u8]> = Vec::new();
+    let mut i = 0;
+    while i < order.len() {
+        let first = &w[order[i]];
+        let mut end = first.end();
+        let mut j = i + 1;
+        while let Some(next) = order.get(j).map(|&n| &w[n]) {
+            let same_kind = next.data.is_some() == first.data.is_some();
+            if next.offset != end || !same_kind || j - i >= APPLY_IOV {
+                break;
+            }
+            end = next.end();
+            j += 1;
+        }
+        let r = if first.data.is_some() {
+            parts.clear();
+            parts.extend(order[i..j].iter().filter_map(|&n| w[n].data.as_deref()));
+            if let [one] = parts[..] {
+                storage.write_at(IMAGE_FILE, first.offset, one)
+            } else {
+                storage.write_vectored_at(IMAGE_FILE, first.offset, &parts)
+            }
+        } else {
+            storage.zero(IMAGE_FILE, first.offset, end - first.offset)
+        };
+        r?;
+        i = j;
+    }
+    Ok(())
 }
