@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
-use crate::store::{ApplyStep, ImageSync, JobError, ReplicaStore, Store, StoreError};
+use crate::store::{ApplyJob, ApplyStep, JobError, ReplicaStore, Store, StoreError};
 
 /// An agent allowed to connect, and which volumes (by name) it may write (`None`: any).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -634,43 +634,47 @@ fn fail_code(e: &StoreError) -> FailCode {
     }
 }
 
-type ImageJob = std::thread::JoinHandle<Result<(), JobError>>;
+type ApplyThread = std::thread::JoinHandle<Result<(), JobError>>;
 
 /// Applies the committed batches without stalling the session (at sync qd32 a plain apply
-/// held every sync write for 60-180 ms once a second): the batches are written in slices of
-/// about [`APPLY_SLICE`] between the commands, and the image's fdatasync runs on a thread of its
-/// own; the store finishes the apply when it is done.
-fn apply_step(store: &mut ReplicaStore, job: &mut Option<ImageJob>) -> Result<(), StoreError> {
+/// held every sync write for 60-180 ms once a second): the batches' writes and the image's
+/// fdatasync run on a thread of their own (writes of records only in the journal are done
+/// here, in slices of about [`APPLY_SLICE`] between the commands); the store finishes the
+/// apply when the thread is done.
+fn apply_step(store: &mut ReplicaStore, job: &mut Option<ApplyThread>) -> Result<(), StoreError> {
     if let Some(h) = job.take() {
         if !h.is_finished() {
             *job = Some(h);
             return Ok(());
         }
-        store.apply_done(join_image_sync(h))?;
+        finish_job(store, h)?;
     }
-    if let ApplyStep::Sync(sync) = store.apply_start(Instant::now() + APPLY_SLICE)? {
+    if let ApplyStep::Job(j) = store.apply_start(Instant::now() + APPLY_SLICE)? {
         // The job goes over a channel once the thread exists, so that it can run here if
         // no thread can be started.
-        let (tx, rx) = std::sync::mpsc::channel::<ImageSync>();
+        let (tx, rx) = std::sync::mpsc::channel::<ApplyJob>();
         let spawned = std::thread::Builder::new().name("image-apply".into()).spawn(move || {
             rx.recv()
                 .map_err(|_| JobError::Sync(std::io::Error::other("no job")))
-                .and_then(ImageSync::run)
+                .and_then(ApplyJob::run)
         });
         match spawned {
             Ok(h) => {
-                let _ = tx.send(sync);
+                let _ = tx.send(j);
                 *job = Some(h);
             }
-            Err(_) => store.apply_done(sync.run())?,
+            Err(_) => store.apply_done(j.run())?,
         }
     }
     Ok(())
 }
 
-fn join_image_sync(h: ImageJob) -> Result<(), JobError> {
-    h.join()
-        .unwrap_or_else(|_| Err(JobError::Sync(std::io::Error::other("the apply thread panicked"))))
+/// Waits for the apply thread and finishes its apply.
+fn finish_job(store: &mut ReplicaStore, h: ApplyThread) -> Result<(), StoreError> {
+    let done = h.join().unwrap_or_else(|_| {
+        Err(JobError::Sync(std::io::Error::other("the apply thread panicked")))
+    });
+    store.apply_done(done)
 }
 
 /// Owns a replica store for one session: executes commands in order, commits when the queue
@@ -689,8 +693,8 @@ fn store_thread(
     let mut failed: Option<Epoch> = None;
     let mut last_refresh = Instant::now();
     let mut queue: std::collections::VecDeque<Cmd> = std::collections::VecDeque::new();
-    // The image sync of a running apply (`apply_step`).
-    let mut job: Option<ImageJob> = None;
+    // The thread of a running apply (`apply_step`).
+    let mut job: Option<ApplyThread> = None;
     // When the store thread was last idle (a split apply's slice is taken there).
     let mut last_idle = Instant::now();
     loop {
@@ -710,7 +714,7 @@ fn store_thread(
         } else if let Some(c) = queue.pop_front() {
             Some(c)
         } else {
-            // While the image syncs, look every 2 ms whether it is done.
+            // While the apply thread runs, look every 2 ms whether it is done.
             let wait = if busy {
                 0
             } else if job.is_some() {
@@ -775,7 +779,7 @@ fn store_thread(
                 // Hashes are of the image: every committed batch goes into it first.
                 let ready = if store.image_behind() {
                     job.take()
-                        .map_or(Ok(()), |h| store.apply_done(join_image_sync(h)))
+                        .map_or(Ok(()), |h| finish_job(&mut store, h))
                         .and_then(|()| store.apply())
                 } else {
                     Ok(())
@@ -850,7 +854,7 @@ fn store_thread(
         }
     }
     if let Some(h) = job.take() {
-        if let Err(e) = store.apply_done(join_image_sync(h)) {
+        if let Err(e) = finish_job(&mut store, h) {
             warn!(volume = %slot.name, "replica store: {e}");
         }
     }

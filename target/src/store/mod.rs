@@ -205,48 +205,41 @@ pub struct StoreStatus {
 
 /// One volume's replica. See the module documentation.
 /// A split apply in progress: it covers the first `n` batches of `to_apply`, which reach
-/// `through`; `next` is the (batch, record) to write next, `None` once all are written and the
-/// image's sync runs.
+/// `through`; `next` is the (batch, record) the store thread writes next, `None` once the
+/// [`ApplyJob`] is out (writing, if `job_writes`, and syncing).
 #[derive(Clone, Copy, Debug)]
 struct Applying {
     n: usize,
     through: Epoch,
     next: Option<(usize, usize)>,
     wrote: bool,
-    /// The [`ImageSync`] writes the batches too (they were all held in memory).
+    /// The [`ApplyJob`] writes the batches too (they were all held in memory).
     job_writes: bool,
 }
 
 /// What [`ReplicaStore::apply_start`] did.
 #[derive(Debug)]
 pub enum ApplyStep {
-    /// Nothing (left) to do now: applied here, nothing to apply, or the image sync runs.
+    /// Nothing (left) to do now: applied here, nothing to apply, or the job runs.
     Idle,
     /// Wrote part of the batches: call again.
     More,
-    /// All written: run this (on another thread) and give its result to
-    /// [`ReplicaStore::apply_done`].
-    Sync(ImageSync),
+    /// Run this (on another thread) and give its result to [`ReplicaStore::apply_done`].
+    Job(ApplyJob),
 }
 
-/// The image's fdatasync of an [`ReplicaStore::apply_start`], to run on another thread, then
-/// its clean pages dropped (see `sync_image`). Its result goes to [`ReplicaStore::apply_done`].
+/// The part of an [`ReplicaStore::apply_start`] that runs on another thread: the batches'
+/// writes when they were all held in memory, then the image's fdatasync and the drop of its
+/// clean pages (see `sync_image`). Its result goes to [`ReplicaStore::apply_done`].
 #[derive(Debug)]
-pub struct ImageSync {
+pub struct ApplyJob {
     storage: Arc<dyn Storage>,
     /// Step 1 too, when every record was held in memory: these writes, in chain order,
     /// before the sync.
     puts: Vec<Put>,
 }
 
-impl ImageSync {
-    /// True if it writes the batches too (not only the sync).
-    pub fn writes(&self) -> bool {
-        !self.puts.is_empty()
-    }
-}
-
-/// How an [`ImageSync`] failed.
+/// How an [`ApplyJob`] failed.
 #[derive(Debug)]
 pub enum JobError {
     /// Writing the batches (a full disk is not fatal: the apply is tried again).
@@ -255,7 +248,12 @@ pub enum JobError {
     Sync(std::io::Error),
 }
 
-impl ImageSync {
+impl ApplyJob {
+    /// True if it writes the batches too (not only the sync).
+    pub fn writes(&self) -> bool {
+        !self.puts.is_empty()
+    }
+
     pub fn run(self) -> Result<(), JobError> {
         let mut bytes = 0u64;
         let mut from = 0;
@@ -962,7 +960,7 @@ impl ReplicaStore {
     /// Writes the committed, unapplied batches into the image in chain order, syncs it,
     /// records `applied` in the metadata and deletes journal segments nobody needs.
     /// Supersedes a split apply ([`ReplicaStore::apply_start`]) that writes in slices here: its
-    /// batches are written and synced again. Not while its [`ImageSync`] runs: take that
+    /// batches are written and synced again. Not while its [`ApplyJob`] runs: take that
     /// first ([`ReplicaStore::apply_done`]).
     pub fn apply(&mut self) -> Result<(), StoreError> {
         self.check()?;
@@ -976,7 +974,7 @@ impl ReplicaStore {
         // 4. delete journal segments whose records are all applied or dead.
         // A crash before 3 leaves applied where it was, and recovery writes the same bytes
         // again; the journal still holds them because 4 comes last.
-        // An ImageSync that writes must have finished (its `apply_done` taken): it would
+        // An ApplyJob that writes must have finished (its `apply_done` taken): it would
         // write older data after this.
         debug_assert!(
             !self.applying.is_some_and(|a| a.job_writes),
@@ -993,10 +991,11 @@ impl ReplicaStore {
     /// [`ReplicaStore::apply`] for a caller that must not stall on it (the server's store
     /// thread: meanwhile it journals sync frames and reports them durable). After a second
     /// of random 4 KiB writes, step 1 takes tens of milliseconds and the image's fdatasync as
-    /// many again. Here step 1 is done a slice at a time (windows until `until` has passed;
-    /// [`ApplyStep::More`]: call again), then step 2 is handed out ([`ApplyStep::Sync`]) to
-    /// run on another thread; its result goes to [`ReplicaStore::apply_done`], which does
-    /// steps 3 and 4. The apply covers the batches committed when it began; later ones wait
+    /// many again. When every record is held in memory, steps 1 and 2 are handed out at once
+    /// ([`ApplyStep::Job`]) to run on another thread; otherwise step 1 is done here a slice at
+    /// a time (windows until `until` has passed; [`ApplyStep::More`]: call again) and then
+    /// step 2 is handed out. The job's result goes to [`ReplicaStore::apply_done`], which
+    /// does steps 3 and 4. The apply covers the batches committed when it began; later ones wait
     /// for the next. Owed syncs of direct writes (their commits rely on `image_dirty`) take
     /// the plain way.
     pub fn apply_start(&mut self, until: std::time::Instant) -> Result<ApplyStep, StoreError> {
@@ -1026,7 +1025,7 @@ impl ReplicaStore {
                         .collect();
                     self.applying =
                         Some(Applying { n, through, next: None, wrote: true, job_writes: true });
-                    return Ok(ApplyStep::Sync(ImageSync { storage: self.storage.clone(), puts }));
+                    return Ok(ApplyStep::Job(ApplyJob { storage: self.storage.clone(), puts }));
                 }
                 Applying { n, through, next: Some((0, 0)), wrote: false, job_writes: false }
             }
@@ -1056,10 +1055,10 @@ impl ReplicaStore {
         }
         a.next = None;
         self.applying = Some(a);
-        Ok(ApplyStep::Sync(ImageSync { storage: self.storage.clone(), puts: Vec::new() }))
+        Ok(ApplyStep::Job(ApplyJob { storage: self.storage.clone(), puts: Vec::new() }))
     }
 
-    /// Finishes an [`ReplicaStore::apply_start`] with the result of its [`ImageSync`]. A
+    /// Finishes an [`ReplicaStore::apply_start`] with the result of its [`ApplyJob`]. A
     /// failed sync poisons the store (the kernel reports a lost write once), also when a plain
     /// apply superseded it.
     pub fn apply_done(&mut self, done: Result<(), JobError>) -> Result<(), StoreError> {

@@ -78,9 +78,9 @@ struct Driver {
     /// The newest commit the store acknowledged.
     acked: Epoch,
     allow_reset_mid_batch: bool,
-    /// An apply started with `apply_start` whose image sync has not run yet, and the
+    /// An apply started with `apply_start` whose job has not run yet, and the
     /// boundary it applies.
-    running: Option<(ImageSync, Epoch)>,
+    running: Option<(ApplyJob, Epoch)>,
     /// Split applies finished, and slices that left more to write.
     split_done: usize,
     /// Split applies whose job wrote the batches (all held in memory).
@@ -245,7 +245,7 @@ impl Driver {
         Ok(false)
     }
 
-    /// The server's way: `apply_start` now, the image sync and `apply_done` at a later step
+    /// The server's way: `apply_start` now, the job and `apply_done` at a later step
     /// (batches and commits may come in between).
     fn apply_split(&mut self, s: &mut ReplicaStore) -> Result<(), StoreError> {
         match self.running.take() {
@@ -269,7 +269,7 @@ impl Driver {
                                 self.commit_only(s)?;
                             }
                         }
-                        ApplyStep::Sync(job) => {
+                        ApplyStep::Job(job) => {
                             if job.writes() {
                                 self.job_wrote += 1;
                             }
