@@ -213,6 +213,30 @@ fn unaligned_zeroes_and_trim() {
     }
 }
 
+/// A write larger than the writeback fast path's part size ([`super::WRITEBACK_CHUNK`]) lands
+/// whole, at an unaligned offset and with an unaligned length, in every engine and cache mode.
+#[test]
+fn writes_larger_than_a_writeback_part_land_whole() {
+    let dir = tempfile::tempdir_in(direct_dir()).unwrap();
+    let rt = runtime();
+    let (size, offset) = (1u64 << 20, 777u64);
+    let len = 3 * super::WRITEBACK_CHUNK as u64 + 123;
+    for (i, &(kind, cache)) in ALL.iter().enumerate() {
+        let path = sparse_image(dir.path(), &format!("big{i}"), size);
+        let e = open(&path, kind, cache);
+        let data = pattern(offset, len, 3);
+        let back = rt.block_on(async {
+            e.write(offset, IoBuf::from_slice(&data), false).await.unwrap();
+            e.read(offset, len as usize).await.unwrap()
+        });
+        assert!(back.as_slice() == data, "{kind:?}/{cache:?}: read back differs");
+        drop(e);
+        let mut want = vec![0u8; size as usize];
+        want[offset as usize..(offset + len) as usize].copy_from_slice(&data);
+        assert!(std::fs::read(&path).unwrap() == want, "{kind:?}/{cache:?}: image differs");
+    }
+}
+
 /// A small xorshift generator: the concurrency test needs no shrinking, just variety.
 struct Rng(u64);
 impl Rng {
