@@ -133,8 +133,8 @@ start_server() {
     local s="$1" port="${PORT[$1]}" logf="$OUT_DIR/$1.log" pid
     port_busy "$port" && die "port $port is already in use (set PORT_BASE)"
     case "$s" in
-        bf-none) "$BIN" agent --volume "$BENCH_DIR/srv-$s" --listen "127.0.0.1:$port" --cache none --engine uring >"$logf" 2>&1 & ;;
-        bf-wb)   "$BIN" agent --volume "$BENCH_DIR/srv-$s" --listen "127.0.0.1:$port" --cache writeback --engine uring >"$logf" 2>&1 & ;;
+        bf-none) "$BIN" agent --volume "$BENCH_DIR/srv-$s" --listen "127.0.0.1:$port" --cache none --engine uring --admin "$BENCH_DIR/$s.sock" >"$logf" 2>&1 & ;;
+        bf-wb)   "$BIN" agent --volume "$BENCH_DIR/srv-$s" --listen "127.0.0.1:$port" --cache writeback --engine uring --admin "$BENCH_DIR/$s.sock" >"$logf" 2>&1 & ;;
         qemu)    qemu-nbd -f raw --cache=none --aio=io_uring --shared=8 --persistent -x qemu \
                      -b 127.0.0.1 -p "$port" "${IMAGE[$s]}" >"$logf" 2>&1 & ;;
         nbdkit)  nbdkit -f -i 127.0.0.1 -p "$port" file "${IMAGE[$s]}" >"$logf" 2>&1 & ;;

@@ -155,6 +155,12 @@ pub struct Engine {
     /// (see [`Engine::read`] and [`Engine::write`]), and whether that path is on.
     cached: Option<std::fs::File>,
     fast_path: std::sync::atomic::AtomicBool,
+    /// Writeback fast path: large writes (at least [`WRITEBACK_CHUNK`]) are copied into the
+    /// page cache one at a time. The kernel serialises buffered writes to a file on its inode
+    /// lock, and a second worker thread writing 1 MiB at the same time spun on that lock
+    /// (`rwsem_spin_on_owner`, 11% of the agent's CPU on 1 MiB sequential writes); waiting
+    /// here instead frees the thread to read the next request from the socket.
+    big_writes: tokio::sync::Mutex<()>,
 }
 
 #[derive(Debug)]
@@ -260,6 +266,7 @@ impl Engine {
             rmw: tokio::sync::RwLock::new(()),
             cached,
             fast_path: std::sync::atomic::AtomicBool::new(true),
+            big_writes: tokio::sync::Mutex::new(()),
         }))
     }
 
@@ -328,6 +335,11 @@ impl Engine {
     /// cache's own backpressure. FUA writes wait for the disk and go to the engine.
     pub async fn write(&self, offset: u64, buf: IoBuf, fua: bool) -> Result<IoBuf, EngineError> {
         if let Some(file) = self.fast_file().filter(|_| !fua) {
+            let _one_at_a_time = if buf.len() >= WRITEBACK_CHUNK {
+                Some(self.big_writes.lock().await)
+            } else {
+                None
+            };
             for (i, part) in buf.as_slice().chunks(WRITEBACK_CHUNK).enumerate() {
                 let at = offset + (i * WRITEBACK_CHUNK) as u64;
                 sync::pwrite_full(file, part, at, false)?;
