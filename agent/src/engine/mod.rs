@@ -172,6 +172,7 @@ enum Inner {
 /// Alignment of offsets and lengths under O_DIRECT: at least the logical block size of every
 /// device we expect (512 or 4096), and what `IoBuf` addresses are aligned to.
 const DIRECT_ALIGN: u64 = IO_ALIGN as u64;
+const _: () = assert!(DIRECT_ALIGN.is_power_of_two());
 
 /// The writeback fast path copies a large write into the page cache in parts of at most
 /// this many bytes. The kernel sizes a new page-cache folio by the write that creates it, so
@@ -181,9 +182,8 @@ const DIRECT_ALIGN: u64 = IO_ALIGN as u64;
 /// `ext4_block_write_begin`. Parts of 64 KiB keep folios at 16 blocks: 4 KiB random writes
 /// after such a pass went from about 33,000 to 82,000 IOPS (the agent's CPU per write from
 /// 40-44 to 12-13 µs), and 1 MiB sequential writes stayed within run-to-run noise (16 KiB parts
-/// made random writes faster still but sequential ones 17% slower). See BENCHMARKS.md.
+/// made random writes faster still but sequential ones 17% slower). See docs/decisions.md.
 const WRITEBACK_CHUNK: usize = 64 << 10;
-const _: () = assert!(DIRECT_ALIGN.is_power_of_two());
 
 fn round_down(x: u64) -> u64 {
     x / DIRECT_ALIGN * DIRECT_ALIGN
@@ -332,7 +332,9 @@ impl Engine {
     /// RWF_NOWAIT on ext4 (EOPNOTSUPP), so io_uring hands every buffered write to a kernel
     /// worker thread: two context switches per 4 KiB write, measured as the largest cost on
     /// this path. The inline copy may block under dirty-page throttling, which is the page
-    /// cache's own backpressure. FUA writes wait for the disk and go to the engine.
+    /// cache's own backpressure. It goes in parts of [`WRITEBACK_CHUNK`], and writes of at
+    /// least that size one at a time (`big_writes`). FUA writes wait for the disk and go to
+    /// the engine.
     pub async fn write(&self, offset: u64, buf: IoBuf, fua: bool) -> Result<IoBuf, EngineError> {
         if let Some(file) = self.fast_file().filter(|_| !fua) {
             let _one_at_a_time = if buf.len() >= WRITEBACK_CHUNK {
