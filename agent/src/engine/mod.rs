@@ -2,7 +2,8 @@
 //!
 //! As in Firecracker's block device, the engines sit behind one enum ([`Engine`]) so the NBD
 //! frontend does not care which one runs:
-//! - [`EngineKind::Uring`] (default): io_uring on a dedicated thread, batched submissions;
+//! - [`EngineKind::Uring`] (default): io_uring shared by the async callers, completions reaped by
+//!   a tokio task woken through an eventfd;
 //! - [`EngineKind::Sync`]: plain pread/pwrite on tokio's blocking pool.
 //!
 //! Cache modes: [`CacheMode::Writeback`] goes through the page cache; [`CacheMode::None`] opens
@@ -299,7 +300,7 @@ impl Engine {
     /// Writeback fast path: the read is first tried inline on the caller's thread with
     /// `preadv2(RWF_NOWAIT)`, which copies from the page cache and never waits for the disk.
     /// A page-cache hit then costs one syscall and no thread hand-off (through io_uring a
-    /// buffered read is a wake-up of the ring thread and of the caller); a miss (`EAGAIN` or a
+    /// buffered read is handed to a kernel worker thread); a miss (`EAGAIN` or a
     /// short read) goes to the engine as usual.
     pub async fn read(&self, offset: u64, len: usize) -> Result<IoBuf, EngineError> {
         if let Some(file) = self.fast_file() {

@@ -1,26 +1,30 @@
-//! The io_uring engine: one dedicated thread owns the ring and the (registered) image file.
+//! The io_uring engine: the async callers share one ring; each submits its own SQE from the
+//! task that issues the I/O, and a reaper task, woken through an eventfd the kernel signals for
+//! every completion, reaps the CQEs and hands each result back.
 //!
 //! ```text
-//!  async callers ──Request──> unbounded channel ──> ring thread ──SQEs──> kernel
-//!        ^                                            │  (one submit_and_wait per batch)
-//!        └───────────── oneshot (result + IoBuf) <────┘<──CQEs──
+//!  async caller ──lock, push SQE, io_uring_enter(submit)──> kernel
+//!        ^                                                    │ CQE + eventfd signal
+//!        └──── oneshot (result + IoBuf) <── reaper task <─────┘ (tokio AsyncFd)
 //! ```
 //!
-//! - **Batching.** Each turn the thread drains every queued request (up to the ring's capacity)
-//!   into SQEs and enters the kernel once, submitting them and waiting in the same syscall.
-//! - **Wake-ups.** An eventfd READ is always armed in the ring, so a request that arrives while
-//!   the thread waits in the kernel can end the wait. Senders write the eventfd only when the
-//!   thread is (about to be) asleep: the thread sets `sleeping`, issues a SeqCst fence and then
-//!   re-checks the channel; a sender pushes, fences, then checks `sleeping`. With the two fences
-//!   at least one side sees the other (Dekker), so no wake-up is lost, and a busy thread costs
-//!   senders no syscall.
-//! - **Buffers.** A request's `IoBuf` is moved into the thread's slab, keyed by the SQE's
+//! - **No hand-off thread.** Until stop 13 a dedicated thread owned the ring, fed through a
+//!   channel: every I/O could cost a cross-thread wake-up on the way in and one on the way out.
+//!   Submitting from the caller's task and reaping on the runtime keeps both ends on tokio's
+//!   workers; a caller also reaps whatever completions are already posted when it submits, so
+//!   under load many results never wait for the eventfd. fio 4k random writes at qd32 over
+//!   NBD with `--cache none`: 0.61-0.66 context switches per I/O before, 0.42-0.47 after, and
+//!   about 5% less agent CPU per I/O (qemu-nbd: 0.06-0.09).
+//! - **Batching.** Under load the reaper resubmits retries and queued requests in one enter;
+//!   callers submit one SQE per enter (each is a request the NBD reader has already decoded).
+//! - **Buffers.** A request's `IoBuf` is moved into the ring's slab, keyed by the SQE's
 //!   `user_data`, and only handed back (in the completion) after its CQE has been reaped, so the
-//!   kernel never writes into freed memory, even when the caller gave up waiting.
+//!   kernel never writes into freed memory, even when the caller gave up waiting. Dropping the
+//!   last handle on the ring waits for every operation still in the kernel.
+//! - **Runtimes.** The reaper runs on the runtime of the first caller; if that runtime goes away
+//!   (tests open an engine, then run several runtimes over it) the next caller starts another.
 //! - **Short transfers** are resubmitted for the rest; a read at end of file yields zeros;
 //!   `-EINTR`/`-EAGAIN` are resubmitted.
-//! - **Shutdown.** Dropping the engine closes the channel and wakes the thread, which lets every
-//!   in-flight operation complete, reaps its own eventfd read, and exits; the drop joins it.
 //!
 //! Registered buffers are not used: buffers belong to the callers (`IoBuf`s travel with each
 //! request), so fixed buffers need a copy into a registered pool per request. Measured with
@@ -32,24 +36,22 @@
 
 use std::collections::VecDeque;
 use std::fs::File;
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::{fence, AtomicBool, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use io_uring::{opcode, squeue, types, IoUring, Probe};
-use tokio::sync::mpsc::error::TryRecvError;
-use tokio::sync::{mpsc, oneshot};
+use tokio::io::unix::AsyncFd;
+use tokio::sync::oneshot;
 
 use super::sync::allocation_map;
 use super::{EngineError, Extent, IoBuf};
 
 /// Submission queue entries (the completion queue gets twice as many).
 const RING_ENTRIES: u32 = 256;
-/// Requests in the ring at once: every SQ slot but the one kept for the eventfd read.
-const MAX_IN_FLIGHT: usize = RING_ENTRIES as usize - 1;
-/// `user_data` of the eventfd read; requests use their slab index.
-const WAKE: u64 = u64::MAX;
+/// Requests in the kernel at once; more wait in a queue (the completion queue, twice the size,
+/// can then never overflow).
+const MAX_IN_FLIGHT: usize = RING_ENTRIES as usize;
 /// Largest single read/write SQE (its length is a u32); aligned, so O_DIRECT remainders stay so.
 const MAX_CHUNK: usize = 1 << 30;
 
@@ -182,127 +184,53 @@ impl Request {
     }
 }
 
-/// State shared by the callers and the ring thread.
-#[derive(Debug)]
-struct Shared {
-    /// The ring thread is in, or about to enter, a wait in the kernel.
-    sleeping: AtomicBool,
-    /// Written to end that wait (a READ of it is always armed in the ring).
-    eventfd: OwnedFd,
-}
-
-impl Shared {
-    fn wake(&self) {
-        // A blocking eventfd write only blocks when the counter would overflow u64::MAX - 1,
-        // which needs ~2^64 unread wake-ups; errors cannot be acted upon here.
-        let _ = rustix::io::write(&self.eventfd, &1u64.to_ne_bytes());
-    }
-}
-
-/// The ring thread's state.
-struct Ring {
+/// The ring and the requests the kernel owns. Behind a mutex: callers and the reaper take it
+/// for a push and an enter, or a reap.
+struct RingState {
     ring: IoUring,
-    /// Requests owned by the kernel (or waiting in `retry`), indexed by `user_data`.
+    /// Requests owned by the kernel, indexed by `user_data`.
     slab: Vec<Option<Request>>,
     free: Vec<usize>,
     in_flight: usize,
-    /// Slab indexes to resubmit (short transfer, EINTR, EAGAIN).
-    retry: VecDeque<usize>,
-    /// The eventfd read's buffer; owned here so it outlives the read.
-    wake_buf: Box<[u8; 8]>,
-    wake_armed: bool,
-    rx: mpsc::UnboundedReceiver<Request>,
-    closing: bool,
-    shared: Arc<Shared>,
+    /// Requests beyond `MAX_IN_FLIGHT`, started as completions free slots.
+    queued: VecDeque<Request>,
+    /// SQEs pushed and not yet accepted by the kernel (an enter failed); the reaper retries.
+    unsubmitted: bool,
     size: u64,
     cqes: Vec<(u64, i32)>,
 }
 
-impl Drop for Ring {
-    fn drop(&mut self) {
-        // Only reached with operations still in the kernel if the thread panicked: leak their
-        // buffers rather than free memory the kernel may still write into.
-        if self.in_flight > 0 || self.wake_armed {
-            tracing::error!(
-                in_flight = self.in_flight,
-                "io_uring thread exiting with operations in flight; leaking their buffers"
-            );
-            std::mem::forget(std::mem::take(&mut self.slab));
-            Box::leak(std::mem::replace(&mut self.wake_buf, Box::new([0; 8])));
-        }
-    }
-}
+/// Requests completed under the lock, answered after it is released.
+type Done = Vec<(Request, Result<(), EngineError>)>;
 
-impl Ring {
-    fn run(mut self) {
-        loop {
-            if !self.wake_armed && !self.closing {
-                let fd = types::Fd(self.shared.eventfd.as_raw_fd());
-                let entry = opcode::Read::new(fd, self.wake_buf.as_mut_ptr(), 8).build();
-                self.push(entry.user_data(WAKE));
-                self.wake_armed = true;
-            }
-            while let Some(i) = self.retry.pop_front() {
-                let entry = self.slab[i].as_mut().expect("retry of a live request").sqe(i as u64);
-                self.push(entry);
-            }
-            while !self.closing && self.in_flight < MAX_IN_FLIGHT {
-                match self.rx.try_recv() {
-                    Ok(req) => self.start(req),
-                    Err(TryRecvError::Empty) => break,
-                    Err(TryRecvError::Disconnected) => self.closing = true,
-                }
-            }
-
-            if self.closing && self.in_flight == 0 {
-                if !self.wake_armed {
-                    return;
-                }
-                // Complete our own eventfd read so nothing of ours is left in the kernel.
-                self.shared.wake();
-                self.enter(1);
-            } else if !self.ring.completion().is_empty() {
-                self.enter(0);
-            } else if self.closing || self.in_flight >= MAX_IN_FLIGHT {
-                // A CQE is bound to come; new requests wait in the channel meanwhile.
-                self.enter(1);
-            } else {
-                self.shared.sleeping.store(true, Ordering::SeqCst);
-                fence(Ordering::SeqCst);
-                if self.rx.is_empty() {
-                    self.enter(1);
-                } else {
-                    self.enter(0);
-                }
-                self.shared.sleeping.store(false, Ordering::SeqCst);
-            }
-            self.reap();
-        }
-    }
-
+impl RingState {
     /// Queues an SQE, making room by submitting if the submission queue is full.
     fn push(&mut self, entry: squeue::Entry) {
         loop {
             // SAFETY: every buffer an SQE points to outlives the operation: request buffers
-            // are owned by `self.slab` until their CQE is reaped (and leaked by `Drop` if the
-            // thread dies first), the eventfd buffer is `self.wake_buf`, handled the same way;
-            // the fixed file 0 stays registered for the ring's lifetime.
+            // are owned by `self.slab` until their CQE is reaped, and dropping the state waits
+            // for every operation in flight first (`Drop`); the fixed file 0 stays registered
+            // for the ring's lifetime.
             let pushed = unsafe { self.ring.submission().push(&entry) };
             if pushed.is_ok() {
                 return;
             }
-            self.enter(0);
+            self.submit();
         }
     }
 
-    fn start(&mut self, mut req: Request) {
+    fn start(&mut self, mut req: Request, done: &mut Done) {
         let empty = match &req.op {
             Op::Read(buf) | Op::Write { buf, .. } => buf.is_empty(),
             Op::Flush => false,
             Op::Fallocate { len, .. } => *len == 0,
         };
         if empty {
-            req.complete(Ok(()));
+            done.push((req, Ok(())));
+            return;
+        }
+        if self.in_flight >= MAX_IN_FLIGHT {
+            self.queued.push_back(req);
             return;
         }
         let i = self.free.pop().unwrap_or_else(|| {
@@ -315,51 +243,175 @@ impl Ring {
         self.push(entry);
     }
 
+    /// Hands the queued SQEs to the kernel without waiting.
+    fn submit(&mut self) {
+        self.enter(0);
+    }
+
     /// Submits queued SQEs and waits for `want` completions.
     fn enter(&mut self, want: usize) {
         match self.ring.submit_and_wait(want) {
-            Ok(_) => {}
-            // Interrupted, completion queue full (reaped next), or no memory for now: the
-            // loop comes back here after reaping.
+            Ok(_) => self.unsubmitted = !self.ring.submission().is_empty(),
+            // Interrupted, completion queue busy, or no memory for now: the SQEs stay queued
+            // and the reaper submits them again.
             Err(e)
-                if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY | libc::EAGAIN)) => {}
+                if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY | libc::EAGAIN)) =>
+            {
+                self.unsubmitted = true;
+            }
             Err(e) => {
-                tracing::error!(error = %e, "io_uring_enter failed; retrying in 1 ms");
-                std::thread::sleep(std::time::Duration::from_millis(1));
+                tracing::error!(error = %e, "io_uring_enter failed; the reaper retries");
+                self.unsubmitted = true;
             }
         }
     }
 
-    fn reap(&mut self) {
+    /// Reaps the posted completions: finished requests go to `done`, short or interrupted ones
+    /// are resubmitted, and queued requests take the freed slots.
+    fn reap(&mut self, done: &mut Done) {
         let mut cqes = std::mem::take(&mut self.cqes);
         cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+        let mut resubmit = false;
         for &(user_data, res) in &cqes {
-            if user_data == WAKE {
-                self.wake_armed = false;
-                continue;
-            }
             let i = user_data as usize;
             let req = self.slab[i].as_mut().expect("CQE for a live request");
             match req.on_cqe(res, self.size) {
-                Next::Resubmit => self.retry.push_back(i),
+                Next::Resubmit => {
+                    let entry = req.sqe(i as u64);
+                    self.push(entry);
+                    resubmit = true;
+                }
                 Next::Complete(result) => {
                     let req = self.slab[i].take().expect("live request");
                     self.free.push(i);
                     self.in_flight -= 1;
-                    req.complete(result);
+                    done.push((req, result));
                 }
             }
+        }
+        while self.in_flight < MAX_IN_FLIGHT {
+            let Some(req) = self.queued.pop_front() else { break };
+            self.start(req, done);
+            resubmit = true;
+        }
+        if resubmit {
+            self.submit();
         }
         cqes.clear();
         self.cqes = cqes;
     }
 }
 
+impl Drop for RingState {
+    fn drop(&mut self) {
+        // The kernel may still write into the slab's buffers: wait for every operation.
+        let mut done = Done::new();
+        while self.in_flight > 0 {
+            if let Err(e) = self.ring.submit_and_wait(1) {
+                if e.raw_os_error() != Some(libc::EINTR) {
+                    tracing::error!(
+                        error = %e,
+                        in_flight = self.in_flight,
+                        "io_uring wait failed while closing; leaking the buffers in flight"
+                    );
+                    std::mem::forget(std::mem::take(&mut self.slab));
+                    return;
+                }
+            }
+            self.reap(&mut done);
+        }
+        answer(done);
+    }
+}
+
+fn answer(done: Done) {
+    for (req, result) in done {
+        req.complete(result);
+    }
+}
+
+/// State shared by the engine handle and the reaper task.
+struct Shared {
+    state: Mutex<RingState>,
+    /// Registered with the ring: the kernel signals it whenever it posts a completion.
+    eventfd: OwnedFd,
+    /// A reaper task is alive (set by `ensure_reaper`, cleared when the task ends or is dropped
+    /// with its runtime).
+    reaper: AtomicBool,
+    /// The engine handle is gone: the reaper exits once nothing is in flight.
+    closing: AtomicBool,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, RingState> {
+        // A panic while holding the lock leaves the state consistent enough to go on (the
+        // slab still owns every buffer in flight).
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn wake(&self) {
+        // A nonblocking eventfd write fails only when the counter is at its maximum, in which
+        // case the reaper is bound to wake anyway.
+        let _ = rustix::io::write(&self.eventfd, &1u64.to_ne_bytes());
+    }
+}
+
+/// Clears `Shared::reaper` when the reaper task ends, however it ends.
+struct ReaperAlive(Arc<Shared>);
+
+impl Drop for ReaperAlive {
+    fn drop(&mut self) {
+        self.0.reaper.store(false, Ordering::SeqCst);
+    }
+}
+
+/// The reaper: waits for the eventfd, reaps, answers; exits when the engine is closed and
+/// nothing is left in flight.
+async fn reap_loop(alive: ReaperAlive, fd: AsyncFd<OwnedFd>) {
+    let shared = &alive.0;
+    let mut counter = [0u8; 8];
+    loop {
+        let retry = shared.lock().unsubmitted;
+        let ready = if retry {
+            // SQEs an enter could not take: try again soon even if no completion comes.
+            tokio::select! {
+                r = fd.readable() => Some(r),
+                () = tokio::time::sleep(std::time::Duration::from_millis(1)) => None,
+            }
+        } else {
+            Some(fd.readable().await)
+        };
+        match ready {
+            Some(Ok(mut guard)) => {
+                // Drain the counter before reaping: a completion posted after the read signals
+                // again. A WouldBlock result has cleared the readiness; either way, reap.
+                let _ = guard
+                    .try_io(|fd| rustix::io::read(fd.get_ref(), &mut counter).map_err(Into::into));
+            }
+            Some(Err(e)) => {
+                tracing::error!(error = %e, "waiting on the io_uring eventfd failed");
+                return;
+            }
+            None => {}
+        }
+        let mut done = Done::new();
+        let stop = {
+            let mut st = shared.lock();
+            if st.unsubmitted {
+                st.submit();
+            }
+            st.reap(&mut done);
+            shared.closing.load(Ordering::SeqCst) && st.in_flight == 0 && st.queued.is_empty()
+        };
+        answer(done);
+        if stop {
+            return;
+        }
+    }
+}
+
 pub(super) struct UringEngine {
-    /// `None` only while dropping.
-    tx: Option<mpsc::UnboundedSender<Request>>,
     shared: Arc<Shared>,
-    thread: Option<JoinHandle<()>>,
     /// For the cheap synchronous helpers (allocation map, fadvise).
     file: Arc<File>,
     size: u64,
@@ -373,15 +425,10 @@ impl std::fmt::Debug for UringEngine {
 
 impl Drop for UringEngine {
     fn drop(&mut self) {
-        // Close the channel first, then wake the thread so it sees the close; it finishes the
-        // operations in flight (bounded by the disk) and exits.
-        drop(self.tx.take());
+        // The reaper finishes what is in flight and exits, releasing the ring; without a
+        // reaper the ring's own drop waits for it.
+        self.shared.closing.store(true, Ordering::SeqCst);
         self.shared.wake();
-        if let Some(thread) = self.thread.take() {
-            if thread.join().is_err() {
-                tracing::error!("the io_uring thread panicked");
-            }
-        }
     }
 }
 
@@ -395,7 +442,7 @@ fn unavailable(what: &str, e: impl std::fmt::Display) -> EngineError {
 }
 
 impl UringEngine {
-    /// Starts the ring thread over `file` (the opened image, `size` bytes).
+    /// Sets up the ring over `file` (the opened image, `size` bytes).
     pub(super) fn new(file: File, size: u64) -> Result<Self, EngineError> {
         let ring =
             IoUring::new(RING_ENTRIES).map_err(|e| unavailable("io_uring_setup failed", e))?;
@@ -419,45 +466,74 @@ impl UringEngine {
         ring.submitter()
             .register_files(&[file.as_raw_fd()])
             .map_err(|e| unavailable("registering the image with io_uring failed", e))?;
-
-        let eventfd = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC)
-            .map_err(|e| unavailable("creating the wake-up eventfd failed", e))?;
-        let shared = Arc::new(Shared { sleeping: AtomicBool::new(false), eventfd });
-        let (tx, rx) = mpsc::unbounded_channel();
-        let state = Ring {
+        let eventfd = rustix::event::eventfd(
+            0,
+            rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
+        )
+        .map_err(|e| unavailable("creating the completion eventfd failed", e))?;
+        ring.submitter()
+            .register_eventfd(eventfd.as_raw_fd())
+            .map_err(|e| unavailable("registering the completion eventfd failed", e))?;
+        let state = RingState {
             ring,
             slab: Vec::with_capacity(MAX_IN_FLIGHT),
             free: Vec::with_capacity(MAX_IN_FLIGHT),
             in_flight: 0,
-            retry: VecDeque::new(),
-            wake_buf: Box::new([0; 8]),
-            wake_armed: false,
-            rx,
-            closing: false,
-            shared: shared.clone(),
+            queued: VecDeque::new(),
+            unsubmitted: false,
             size,
             cqes: Vec::with_capacity(2 * RING_ENTRIES as usize),
         };
-        let thread = std::thread::Builder::new()
-            .name("blockferry-uring".into())
-            .spawn(move || state.run())
-            .map_err(|e| unavailable("spawning the io_uring thread failed", e))?;
-        Ok(UringEngine { tx: Some(tx), shared, thread: Some(thread), file: Arc::new(file), size })
+        let shared = Arc::new(Shared {
+            state: Mutex::new(state),
+            eventfd,
+            reaper: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
+        });
+        Ok(UringEngine { shared, file: Arc::new(file), size })
+    }
+
+    /// Starts a reaper on the current runtime unless one is alive.
+    fn ensure_reaper(&self) -> Result<(), EngineError> {
+        if self.shared.reaper.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let _serialise = self.shared.lock();
+        if self.shared.reaper.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let fd = self
+            .shared
+            .eventfd
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| unavailable("duplicating the completion eventfd failed", e))?;
+        // SAFETY: the descriptor is an `OwnedFd` moved into the `AsyncFd`, so it stays open
+        // for as long as the registration lives.
+        let fd = unsafe { AsyncFd::register(fd) }.map_err(|e| EngineError::Unavailable {
+            reason: format!("watching the io_uring eventfd needs a tokio runtime with I/O: {e}"),
+        })?;
+        self.shared.reaper.store(true, Ordering::Release);
+        tokio::spawn(reap_loop(ReaperAlive(self.shared.clone()), fd));
+        // Completions posted before this reaper registered raised no readiness: look once.
+        self.shared.wake();
+        Ok(())
     }
 
     async fn call(&self, op: Op, offset: u64) -> Reply {
-        let (reply, done) = oneshot::channel();
-        let tx = self.tx.as_ref().ok_or(EngineError::Shutdown)?;
-        tx.send(Request { op, offset, done: 0, reply }).map_err(|_| EngineError::Shutdown)?;
-        // Pairs with the fence in `Ring::run`: either the thread sees our request before it
-        // sleeps, or we see `sleeping` and wake it (only one sender does, thanks to the swap).
-        fence(Ordering::SeqCst);
-        if self.shared.sleeping.load(Ordering::Relaxed)
-            && self.shared.sleeping.swap(false, Ordering::SeqCst)
+        self.ensure_reaper()?;
+        let (reply, answer_rx) = oneshot::channel();
+        let mut done = Done::new();
         {
-            self.shared.wake();
+            let mut st = self.shared.lock();
+            st.start(Request { op, offset, done: 0, reply }, &mut done);
+            st.submit();
+            // Completions already posted (others' requests, or ours if the device was quick)
+            // are answered now rather than after the reaper's wake-up.
+            st.reap(&mut done);
         }
-        done.await.map_err(|_| EngineError::Shutdown)?
+        answer(done);
+        answer_rx.await.map_err(|_| EngineError::Shutdown)?
     }
 
     pub(super) async fn read(&self, offset: u64, len: usize) -> Result<IoBuf, EngineError> {
