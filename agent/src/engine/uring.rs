@@ -194,8 +194,6 @@ struct RingState {
     in_flight: usize,
     /// Requests beyond `MAX_IN_FLIGHT`, started as completions free slots.
     queued: VecDeque<Request>,
-    /// SQEs pushed and not yet accepted by the kernel (an enter failed); the reaper retries.
-    unsubmitted: bool,
     size: u64,
     cqes: Vec<(u64, i32)>,
 }
@@ -243,27 +241,20 @@ impl RingState {
         self.push(entry);
     }
 
-    /// Hands the queued SQEs to the kernel without waiting.
+    /// Hands the queued SQEs to the kernel without waiting. If it cannot take them now
+    /// (interrupted, completion queue busy, no memory), they stay queued and the reaper
+    /// submits them again (see [`RingState::unsubmitted`]).
     fn submit(&mut self) {
-        self.enter(0);
-    }
-
-    /// Submits queued SQEs and waits for `want` completions.
-    fn enter(&mut self, want: usize) {
-        match self.ring.submit_and_wait(want) {
-            Ok(_) => self.unsubmitted = !self.ring.submission().is_empty(),
-            // Interrupted, completion queue busy, or no memory for now: the SQEs stay queued
-            // and the reaper submits them again.
-            Err(e)
-                if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY | libc::EAGAIN)) =>
-            {
-                self.unsubmitted = true;
-            }
-            Err(e) => {
+        if let Err(e) = self.ring.submit() {
+            if !matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY | libc::EAGAIN)) {
                 tracing::error!(error = %e, "io_uring_enter failed; the reaper retries");
-                self.unsubmitted = true;
             }
         }
+    }
+
+    /// SQEs pushed and not yet taken by the kernel.
+    fn unsubmitted(&mut self) -> bool {
+        !self.ring.submission().is_empty()
     }
 
     /// Reaps the posted completions: finished requests go to `done`, short or interrupted ones
@@ -370,8 +361,8 @@ impl Drop for ReaperAlive {
 async fn reap_loop(alive: ReaperAlive, fd: AsyncFd<OwnedFd>) {
     let shared = &alive.0;
     let mut counter = [0u8; 8];
+    let mut retry = false;
     loop {
-        let retry = shared.lock().unsubmitted;
         let ready = if retry {
             // SQEs an enter could not take: try again soon even if no completion comes.
             tokio::select! {
@@ -397,10 +388,11 @@ async fn reap_loop(alive: ReaperAlive, fd: AsyncFd<OwnedFd>) {
         let mut done = Done::new();
         let stop = {
             let mut st = shared.lock();
-            if st.unsubmitted {
+            if st.unsubmitted() {
                 st.submit();
             }
             st.reap(&mut done);
+            retry = st.unsubmitted();
             shared.closing.load(Ordering::SeqCst) && st.in_flight == 0 && st.queued.is_empty()
         };
         answer(done);
@@ -480,7 +472,6 @@ impl UringEngine {
             free: Vec::with_capacity(MAX_IN_FLIGHT),
             in_flight: 0,
             queued: VecDeque::new(),
-            unsubmitted: false,
             size,
             cqes: Vec::with_capacity(2 * RING_ENTRIES as usize),
         };

@@ -1,8 +1,9 @@
 //! One NBD connection: handshake, then the transmission phase.
 //!
 //! ```text
-//!  socket ─► reader (this task) ──small: run inline; else or if it waits: spawn──► execute ──┐
-//!               ▲ stops reading when the budget is spent         │ Reply (mpsc)
+//!  socket ─► reader (this task) ──► execute: inline if small, ──┐
+//!               ▲                     spawned if large or it waits │ Reply (mpsc)
+//!               │ stops reading when the budget is spent            │
 //!               └──────── permits released after the write ◄── writer task ─► socket
 //! ```
 //! Only an unusable stream ends a connection: bad magic, a truncated payload, EOF, a write
@@ -368,23 +369,25 @@ async fn read_requests<R: AsyncRead + Unpin>(
         if req.command == Command::Disc {
             return Ok(()); // drain in-flight requests, then close
         }
-        let inline = req.length < BIG_PAYLOAD;
+        let small = req.length < BIG_PAYLOAD;
         let (ctx, tx) = (ctx.clone(), tx.clone());
-        let mut run = Box::pin(async move {
+        let run = async move {
             let body = execute(&req, payload, &ctx).await;
             let _ = tx.send(Reply { cookie: req.cookie, body, _permit: permit });
-        });
+        };
+        if !small {
+            tokio::spawn(run);
+            continue;
+        }
         // A small request is first run right here: a page-cache hit (writeback) completes in
         // this one poll, with no task to spawn and no other worker to wake; otherwise its I/O
         // has been submitted and the rest runs as a task. The first poll's waker is a no-op:
         // every future re-registers its waker when polled, and the spawned task polls again.
-        if inline {
-            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-            if std::future::Future::poll(run.as_mut(), &mut cx).is_ready() {
-                continue;
-            }
+        let mut run = Box::pin(run);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        if std::future::Future::poll(run.as_mut(), &mut cx).is_pending() {
+            tokio::spawn(run);
         }
-        tokio::spawn(run);
     }
 }
 
