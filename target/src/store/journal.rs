@@ -7,7 +7,8 @@
 //! record (integers little-endian)
 //!   0  u32 magic "BFJR"
 //!   4  u8  type: 1 begin, 2 data, 3 end, 4 commit
-//!   5  [3] reserved, 0
+//!   5  [3] tag: [`tag`] of the segment it was written to (24 bits LE; 0 in journals written
+//!            before segments were recycled)
 //!   8  u64 session   the agent session that wrote it (Meta::session)
 //!  16  u32 body length N
 //!  20  u32 crc32c of bytes 0..20 and the body
@@ -23,6 +24,14 @@
 //! commit  0 u64 base (the boundary before) | 8 u64 through | 16 u32 n | 20 [4] 0 |
 //!         24 n x u64 the ids of the committed batches, in chain order
 //! ```
+//!
+//! Every append is followed by a zero header, [`HEADER`] zero bytes that the next append
+//! overwrites: recovery reads a zero header as the clean end of the segment. Segment files are
+//! recycled (a reclaimed segment is renamed to be a later one, so a group commit's fdatasync
+//! overwrites allocated blocks instead of growing the file: on ext4 that spares a synchronous
+//! inode write per commit), and the zero header keeps recovery from reading on into the
+//! file's earlier records. The tag catches the one case it cannot: a torn append that left a
+//! whole earlier record exactly where a new one should begin. Such a record is invalid here.
 //!
 //! A batch is complete in the journal when its begin, `frames` data records whose chain matches
 //! and its end are all there (records of several batches interleave). A sync batch without its
@@ -62,9 +71,28 @@ pub enum Body {
     Commit { base: Epoch, through: Epoch, ids: Vec<Epoch> },
 }
 
+/// The tag of the records of segment `seq` (never 0).
+pub fn tag(seq: u64) -> u32 {
+    (seq % 0xff_ffff) as u32 + 1
+}
+
+/// What follows every append: a header of zeros, the clean end of the segment.
+pub const END: [u8; HEADER] = [0; HEADER];
+
 /// The name of segment `seq`.
 pub fn segment_name(seq: u64) -> String {
     format!("{JOURNAL_DIR}/{seq:016x}.log")
+}
+
+/// The name of a reclaimed segment file kept for reuse (`seq`: the segment it was).
+pub fn spare_name(seq: u64) -> String {
+    format!("{JOURNAL_DIR}/{seq:016x}.spare")
+}
+
+/// The sequence number of a spare file name (without the directory).
+pub fn parse_spare(name: &str) -> Option<u64> {
+    let hex = name.strip_suffix(".spare")?;
+    (hex.len() == 16).then(|| u64::from_str_radix(hex, 16).ok()).flatten()
 }
 
 /// The sequence number of a segment file name (without the directory).
@@ -89,6 +117,7 @@ pub const DATA_HEAD: usize = HEADER + 24;
 /// for a zero frame): the record crc is computed over the parts, without copying the payload.
 pub fn data_head(
     session: u64,
+    tag: u32,
     id: Epoch,
     offset: u64,
     length: u32,
@@ -98,6 +127,7 @@ pub fn data_head(
     let mut h = [0u8; DATA_HEAD];
     h[0..4].copy_from_slice(&MAGIC.to_le_bytes());
     h[4] = T_DATA;
+    h[5..8].copy_from_slice(&tag.to_le_bytes()[..3]);
     h[8..16].copy_from_slice(&session.to_le_bytes());
     h[16..20].copy_from_slice(&body_len.to_le_bytes());
     h[24..32].copy_from_slice(&id.0.to_le_bytes());
@@ -116,12 +146,13 @@ pub fn data_head(
 /// without joining them).
 pub fn encode_data(
     session: u64,
+    tag: u32,
     id: Epoch,
     offset: u64,
     length: u32,
     bytes: Option<&[u8]>,
 ) -> Vec<u8> {
-    let mut r = data_head(session, id, offset, length, bytes).to_vec();
+    let mut r = data_head(session, tag, id, offset, length, bytes).to_vec();
     if let Some(d) = bytes {
         r.extend_from_slice(d);
     }
@@ -129,7 +160,7 @@ pub fn encode_data(
 }
 
 /// Encodes a record.
-pub fn encode(session: u64, body: &Body) -> Vec<u8> {
+pub fn encode(session: u64, tag: u32, body: &Body) -> Vec<u8> {
     let mut b = Vec::new();
     let t = match body {
         Body::Begin { kind, id, base, direct } => {
@@ -141,6 +172,7 @@ pub fn encode(session: u64, body: &Body) -> Vec<u8> {
         Body::Data { id, offset, length, zero, bytes } => {
             return encode_data(
                 session,
+                tag,
                 *id,
                 *offset,
                 *length,
@@ -165,13 +197,14 @@ pub fn encode(session: u64, body: &Body) -> Vec<u8> {
             T_COMMIT
         }
     };
-    frame(session, t, &b)
+    frame(session, tag, t, &b)
 }
 
-fn frame(session: u64, t: u8, body: &[u8]) -> Vec<u8> {
+fn frame(session: u64, tag: u32, t: u8, body: &[u8]) -> Vec<u8> {
     let mut r = Vec::with_capacity(HEADER + body.len());
     r.extend_from_slice(&MAGIC.to_le_bytes());
-    r.extend_from_slice(&[t, 0, 0, 0]);
+    let tag = tag.to_le_bytes();
+    r.extend_from_slice(&[t, tag[0], tag[1], tag[2]]);
     r.extend_from_slice(&session.to_le_bytes());
     r.extend_from_slice(&(body.len() as u32).to_le_bytes());
     let crc = crc32c::crc32c_append(crc32c::crc32c(&r[..20]), body);
@@ -194,6 +227,8 @@ pub fn chain(chain: u32, rec_crc: u32) -> u32 {
 #[derive(Debug)]
 pub struct Decoded {
     pub session: u64,
+    /// The segment tag it was written with (0: written before tags).
+    pub tag: u32,
     pub crc: u32,
     pub body: Body,
     /// Encoded length (header and body).
@@ -215,6 +250,9 @@ pub enum Header {
 /// Checks the first `HEADER` bytes of a record (`avail`: the bytes left in the segment).
 pub fn read_header(h: &[u8], avail: u64) -> Header {
     if avail == 0 {
+        return Header::Eof;
+    }
+    if h.len() >= HEADER && h[..HEADER] == END {
         return Header::Eof;
     }
     if h.len() < HEADER || avail < HEADER as u64 {
@@ -297,7 +335,8 @@ pub fn decode(r: &[u8]) -> Result<Decoded, String> {
         }
         t => return Err(format!("unknown record type {t}")),
     };
-    Ok(Decoded { session, crc, body, len: r.len() as u64 })
+    let tag = u32::from_le_bytes([r[5], r[6], r[7], 0]);
+    Ok(Decoded { session, tag, crc, body, len: r.len() as u64 })
 }
 
 #[cfg(test)]
@@ -320,22 +359,26 @@ mod tests {
             Body::Commit { base: Epoch(3), through: Epoch(7), ids: vec![Epoch(7)] },
         ];
         for b in bodies {
-            let r = encode(5, &b);
+            let r = encode(5, tag(9), &b);
             assert!(
                 matches!(read_header(&r, r.len() as u64), Header::Record { body_len } if body_len + HEADER == r.len())
             );
             let d = decode(&r).unwrap();
-            assert_eq!((d.session, d.body), (5, b));
+            assert_eq!((d.session, d.tag, d.body), (5, 10, b));
             let mut bad = r.clone();
             *bad.last_mut().unwrap() ^= 1;
             assert!(decode(&bad).is_err());
         }
         // The data head's crc covers the payload written after it.
-        let r = encode_data(5, Epoch(7), 4096, 4, Some(&[1, 2, 3, 4]));
+        let r = encode_data(5, 1, Epoch(7), 4096, 4, Some(&[1, 2, 3, 4]));
         let d = decode(&r).unwrap();
         assert!(matches!(d.body, Body::Data { bytes, .. } if bytes == [1, 2, 3, 4]));
         assert_eq!(r.len(), DATA_HEAD + 4);
         assert_eq!(parse_segment("00000000000000ff.log"), Some(255));
         assert_eq!(segment_name(255), "journal/00000000000000ff.log");
+        // A zero header is the clean end of a segment.
+        assert!(matches!(read_header(&END, 4096), Header::Eof));
+        assert_eq!(tag(0xff_fffe), 0xff_ffff);
+        assert_eq!(tag(0xff_ffff), 1);
     }
 }

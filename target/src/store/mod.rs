@@ -81,6 +81,8 @@ const APPLY_STEP_WINDOW: u64 = 1 << 20;
 const MAX_HELD: u64 = 256 << 20;
 /// The most buffers one vectored image write of apply takes.
 const APPLY_IOV: usize = 256;
+/// Reclaimed journal segment files kept for reuse, at most.
+const MAX_SPARES: usize = 2;
 
 /// Tunables.
 #[derive(Clone, Debug)]
@@ -168,6 +170,9 @@ impl Batch {
 #[derive(Debug, Default)]
 struct Segment {
     len: u64,
+    /// Written before records were tagged (found by recovery): never recycled, since its
+    /// records would read as valid in the segment it became.
+    legacy: bool,
     /// The batches with records here (commit records count for the batches they name).
     keys: HashSet<Key>,
 }
@@ -282,6 +287,11 @@ pub struct ReplicaStore {
     /// The active journal segment and its length (the end of its last good record).
     seg: u64,
     segments: BTreeMap<u64, Segment>,
+    /// Reclaimed segment files kept for reuse (`journal/SEQ.spare`, by their old SEQ): see
+    /// [`ReplicaStore::reclaim`].
+    spares: Vec<u64>,
+    /// Segments started from a spare file, since open.
+    recycled: u64,
     /// This session's batches not yet committed, by id.
     pending: BTreeMap<Epoch, Batch>,
     /// Committed batches not yet applied, in chain order (they cover (applied, committed]).
@@ -409,6 +419,8 @@ impl ReplicaStore {
             meta_dirty: true,
             seg: 0,
             segments: BTreeMap::new(),
+            spares: Vec::new(),
+            recycled: 0,
             pending: BTreeMap::new(),
             to_apply: Vec::new(),
             held: 0,
@@ -536,9 +548,8 @@ impl ReplicaStore {
             }
         }
         let session = self.meta.session;
-        let rec =
-            journal::encode(session, &Body::Begin { kind: h.kind, id: h.id, base: h.base, direct });
-        self.append(&rec, &[(session, h.id)])?;
+        let begin = Body::Begin { kind: h.kind, id: h.id, base: h.base, direct };
+        self.append(session, &begin, &[(session, h.id)])?;
         let b = Batch {
             header: h,
             session,
@@ -639,15 +650,8 @@ impl ReplicaStore {
             return Ok(());
         }
         // Headers and payloads in vectored writes: the payloads are not copied.
-        let heads: Vec<[u8; journal::DATA_HEAD]> = frames
-            .iter()
-            .map(|(offset, length, data)| {
-                journal::data_head(session, id, *offset, *length, data.as_deref())
-            })
-            .collect();
         let rec_len =
             |k: usize| (journal::DATA_HEAD + frames[k].2.as_ref().map_or(0, Bytes::len)) as u64;
-        let mut parts: Vec<&[u8]> = Vec::new();
         let mut i = 0;
         while i < frames.len() {
             // Records i..j: as many as fit in the active segment (at least one).
@@ -661,10 +665,23 @@ impl ReplicaStore {
                 group += l;
                 j += 1;
             }
-            parts.clear();
-            for k in i..j {
-                parts.push(&heads[k]);
-                if let Some(d) = &frames[k].2 {
+            // The records carry the tag of the segment they go into: a new one if they do
+            // not fit.
+            if let Err(e) = self.make_room(group) {
+                self.abort_batch(id);
+                return Err(e);
+            }
+            let tag = journal::tag(self.seg);
+            let heads: Vec<[u8; journal::DATA_HEAD]> = frames[i..j]
+                .iter()
+                .map(|(offset, length, data)| {
+                    journal::data_head(session, tag, id, *offset, *length, data.as_deref())
+                })
+                .collect();
+            let mut parts: Vec<&[u8]> = Vec::with_capacity(2 * (j - i));
+            for (head, (_, _, data)) in heads.iter().zip(&frames[i..j]) {
+                parts.push(head);
+                if let Some(d) = data {
                     parts.push(d);
                 }
             }
@@ -681,7 +698,7 @@ impl ReplicaStore {
             // batch (frames, chain) always matches its records in the journal.
             let mut off = loc.off;
             let mut recs = Vec::with_capacity(j - i);
-            for (k, head) in heads.iter().enumerate().take(j).skip(i) {
+            for (k, head) in (i..j).zip(&heads) {
                 let (offset, length, data) = &frames[k];
                 let len = rec_len(k);
                 let held = match data {
@@ -749,11 +766,8 @@ impl ReplicaStore {
             //    (synced by the next commit). A crash between leaves the batch incomplete.
             self.sync_image()?;
         }
-        let rec = journal::encode(
-            session,
-            &Body::End { id, through: end.through, frames: end.frames, chain },
-        );
-        if let Err(e) = self.append(&rec, &[(session, id)]) {
+        let rec = Body::End { id, through: end.through, frames: end.frames, chain };
+        if let Err(e) = self.append(session, &rec, &[(session, id)]) {
             self.abort_batch(id);
             return Err(e);
         }
@@ -869,11 +883,8 @@ impl ReplicaStore {
                 // the batch (appended before); 2. the commit below syncs it with its commit
                 // record. A crash before 2 leaves the batch open in the journal, and recovery
                 // seals it again.
-                let rec = journal::encode(
-                    session,
-                    &Body::End { id, through: journal::SEALED, frames, chain },
-                );
-                self.append(&rec, &[(session, id)])?;
+                let rec = Body::End { id, through: journal::SEALED, frames, chain };
+                self.append(session, &rec, &[(session, id)])?;
                 if let Some(b) = self.pending.get_mut(&id) {
                     b.end = Some(End { through: id, frames, batch_crc: chain });
                 }
@@ -942,8 +953,8 @@ impl ReplicaStore {
         // 0. direct writes (initial sync, also of dropped batches) are durable before the
         //    first boundary is recorded over them.
         self.sync_image()?;
-        let rec = journal::encode(session, &Body::Commit { base, through, ids: ids.clone() });
-        self.append(&rec, &keys)?;
+        let rec = Body::Commit { base, through, ids: ids.clone() };
+        self.append(session, &rec, &keys)?;
         self.sync_journal()?;
         for id in ids {
             if let Some(b) = self.pending.remove(&id) {

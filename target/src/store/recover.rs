@@ -10,6 +10,7 @@ use super::meta::{Meta, META_FILE};
 use super::storage::{is_no_space, Storage, JOURNAL_DIR};
 use super::{
     describe_io, Batch, Held, Key, Loc, Rec, ReplicaStore, Segment, StoreError, IMAGE_FILE,
+    MAX_SPARES,
 };
 
 /// Reads and checks `meta`; `None` if the replica does not exist yet.
@@ -113,29 +114,49 @@ impl ReplicaStore {
         Ok(())
     }
 
-    /// Appends a record to the active segment (no sync). On ENOSPC the segment is cut back
-    /// to the end of its last good record and `NoSpace` returned.
-    pub(super) fn append(&mut self, rec: &[u8], keys: &[Key]) -> Result<Loc, StoreError> {
-        self.append_parts(&[rec], keys)
+    /// Appends a record to the active segment (no sync), in a new segment if it does not fit.
+    /// On ENOSPC the segment is cut back to the end of its last good record and `NoSpace`
+    /// returned.
+    pub(super) fn append(
+        &mut self,
+        session: u64,
+        body: &Body,
+        keys: &[Key],
+    ) -> Result<Loc, StoreError> {
+        let mut rec = journal::encode(session, journal::tag(self.seg), body);
+        if self.make_room(rec.len() as u64)? {
+            rec = journal::encode(session, journal::tag(self.seg), body);
+        }
+        self.append_parts(&[&rec], keys)
     }
 
-    /// [`ReplicaStore::append`] of a record given in parts (written with one vectored write).
+    /// Starts a new segment if `len` more bytes do not fit in the active one (one record
+    /// longer than a segment goes into an empty one); returns whether it did. Records are
+    /// encoded with the tag of their segment after this.
+    pub(super) fn make_room(&mut self, len: u64) -> Result<bool, StoreError> {
+        let cur = self.segments.get(&self.seg).map_or(0, |s| s.len);
+        if cur > 0 && cur + len > self.opts.segment_size {
+            self.roll()?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Writes records given in parts (one vectored write) at the end of the active segment,
+    /// followed by the zero header that marks the segment's end (overwritten by the next
+    /// append). The caller has made room ([`ReplicaStore::make_room`]).
     pub(super) fn append_parts(
         &mut self,
         parts: &[&[u8]],
         keys: &[Key],
     ) -> Result<Loc, StoreError> {
         let rec_len: u64 = parts.iter().map(|p| p.len() as u64).sum();
-        let len = self.segments.get(&self.seg).map_or(0, |s| s.len);
-        if len > 0 && len + rec_len > self.opts.segment_size {
-            self.roll()?;
-        }
         let name = journal::segment_name(self.seg);
         let off = self.segments.get(&self.seg).map_or(0, |s| s.len);
-        let r = match parts {
-            [rec] => self.storage.write_at(&name, off, rec),
-            _ => self.storage.write_vectored_at(&name, off, parts),
-        };
+        let mut all = Vec::with_capacity(parts.len() + 1);
+        all.extend_from_slice(parts);
+        all.push(&journal::END[..]);
+        let r = self.storage.write_vectored_at(&name, off, &all);
         if let Err(e) = r {
             let err = self.fail("appending to", &name, e);
             if err.is_no_space() {
@@ -161,9 +182,29 @@ impl ReplicaStore {
         self.new_segment(self.seg + 1)
     }
 
+    /// Starts segment `seq`: a spare file renamed (its blocks are allocated, so appends and
+    /// syncs do not change the file's size or allocation), else a new empty file.
     fn new_segment(&mut self, seq: u64) -> Result<(), StoreError> {
         let name = journal::segment_name(seq);
-        self.storage.create(&name).map_err(|e| self.fail("creating", &name, e))?;
+        let mut made = false;
+        while let Some(old) = self.spares.pop() {
+            let spare = journal::spare_name(old);
+            match self.storage.rename(&spare, &name) {
+                Ok(()) => {
+                    made = true;
+                    self.recycled += 1;
+                    break;
+                }
+                Err(e) => {
+                    let path = self.storage.describe(&spare);
+                    tracing::warn!(volume = %self.meta.volume, "cannot reuse {}: {e}", path.display());
+                    let _ = self.storage.remove(&spare);
+                }
+            }
+        }
+        if !made {
+            self.storage.create(&name).map_err(|e| self.fail("creating", &name, e))?;
+        }
         self.seg = seq;
         self.segments.insert(seq, Segment::default());
         Ok(())
@@ -193,6 +234,11 @@ impl ReplicaStore {
             .collect();
         for seq in dead {
             let name = journal::segment_name(seq);
+            let legacy = self.segments.get(&seq).is_some_and(|s| s.legacy);
+            if self.spares.len() < MAX_SPARES && !legacy && self.make_spare(seq) {
+                self.segments.remove(&seq);
+                continue;
+            }
             match self.storage.remove(&name) {
                 Ok(()) => {
                     self.segments.remove(&seq);
@@ -202,6 +248,29 @@ impl ReplicaStore {
                     tracing::warn!(volume = %self.meta.volume, "cannot delete {}: {e}", self.storage.describe(&name).display());
                     break;
                 }
+            }
+        }
+    }
+
+    /// Keeps dead segment `seq` as a spare: 1. a zero header at its start, synced, so that
+    /// whatever segment it becomes reads as empty until its first append; 2. renamed to
+    /// `SEQ.spare`, which recovery does not read. False (and nothing lost) if a step fails:
+    /// the caller removes it instead.
+    fn make_spare(&mut self, seq: u64) -> bool {
+        let (name, spare) = (journal::segment_name(seq), journal::spare_name(seq));
+        let r = self
+            .storage
+            .write_at(&name, 0, &journal::END)
+            .and_then(|()| self.storage.sync(&name))
+            .and_then(|()| self.storage.rename(&name, &spare));
+        match r {
+            Ok(()) => {
+                self.spares.push(seq);
+                true
+            }
+            Err(e) => {
+                tracing::debug!(volume = %self.meta.volume, "cannot keep segment {seq} as a spare: {e}");
+                false
             }
         }
     }
@@ -231,13 +300,17 @@ impl ReplicaStore {
         // Whatever survived the crash is made durable before it is trusted (a process crash
         // leaves writes in the page cache that a later power cut could still lose).
         st.sync(IMAGE_FILE).map_err(io("syncing", IMAGE_FILE))?;
-        let mut segs: Vec<u64> = st
-            .list(JOURNAL_DIR)
-            .map_err(io("listing", JOURNAL_DIR))?
-            .iter()
-            .filter_map(|n| journal::parse_segment(n))
-            .collect();
+        let names = st.list(JOURNAL_DIR).map_err(io("listing", JOURNAL_DIR))?;
+        let mut segs: Vec<u64> = names.iter().filter_map(|n| journal::parse_segment(n)).collect();
         segs.sort_unstable();
+        for seq in names.iter().filter_map(|n| journal::parse_spare(n)) {
+            if self.spares.len() < MAX_SPARES {
+                self.spares.push(seq);
+            } else {
+                let name = journal::spare_name(seq);
+                st.remove(&name).map_err(io("removing", &name))?;
+            }
+        }
 
         let mut found: HashMap<Key, Found> = HashMap::new();
         let mut commits: Vec<(u64, Epoch, Epoch, Vec<Epoch>)> = Vec::new();
@@ -267,6 +340,18 @@ impl ReplicaStore {
                     Ok(d) => d,
                     Err(why) => break Some(why),
                 };
+                if d.tag == 0 {
+                    seg.legacy = true;
+                } else if d.tag != journal::tag(seq) {
+                    // A record of the file's earlier use as another segment, where a torn
+                    // append left it (the zero header after each append ends a segment
+                    // otherwise).
+                    break Some(format!(
+                        "record tagged {:#x}, not this segment's {:#x}",
+                        d.tag,
+                        journal::tag(seq)
+                    ));
+                }
                 if d.session > self.meta.session {
                     break Some(format!(
                         "record of session {}, newer than the metadata's {}",

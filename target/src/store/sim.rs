@@ -286,6 +286,14 @@ impl Storage for SimStorage {
         Ok(())
     }
 
+    fn rename(&self, from: &str, to: &str) -> io::Result<()> {
+        self.step()?;
+        let mut files = self.files.lock().unwrap_or_else(|e| e.into_inner());
+        let f = files.remove(from).ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+        files.insert(to.to_string(), f);
+        Ok(())
+    }
+
     fn list(&self, dir: &str) -> io::Result<Vec<String>> {
         let files = self.files.lock().unwrap_or_else(|e| e.into_inner());
         let prefix = if dir.is_empty() { String::new() } else { format!("{dir}/") };

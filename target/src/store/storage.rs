@@ -5,7 +5,7 @@
 //! File names are relative to the volume's directory: `meta`, `image.raw` and
 //! `journal/SEQ.log`. The contract the crash-ordering comments in `mod.rs` rely on:
 //! `write_at`, `zero` and `set_len` are not durable until `sync` of the same file returns;
-//! `create`, `create_atomic` and `remove` are durable when they return (the directory is
+//! `create`, `create_atomic`, `rename` and `remove` are durable when they return (the directory is
 //! synced; `create_atomic` is temp -> fsync -> rename -> fsync(dir)).
 
 use std::collections::HashMap;
@@ -51,6 +51,9 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn create_atomic(&self, file: &str, data: &[u8]) -> io::Result<()>;
     /// Removes `file` durably; a missing file is not an error.
     fn remove(&self, file: &str) -> io::Result<()>;
+    /// Renames `from` to `to` (in the same directory; `to` does not exist), durably, with
+    /// its contents and their unsynced changes as they are.
+    fn rename(&self, from: &str, to: &str) -> io::Result<()>;
     /// The names of the files in `dir` ("" for the top level, or [`JOURNAL_DIR`]), sorted.
     fn list(&self, dir: &str) -> io::Result<Vec<String>>;
     /// A path or description of `file` for messages.
@@ -250,6 +253,17 @@ impl Storage for DirStorage {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(e),
         }
+    }
+
+    fn rename(&self, from: &str, to: &str) -> io::Result<()> {
+        point(to, "write")?;
+        {
+            let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+            open.remove(from);
+            open.remove(to);
+        }
+        std::fs::rename(self.dir.join(from), self.dir.join(to))?;
+        self.sync_dir_of(to)
     }
 
     fn list(&self, dir: &str) -> io::Result<Vec<String>> {

@@ -324,12 +324,14 @@ impl Driver {
 /// Property test 1: random batches (gaps, resync barriers, abandoned resyncs, initial
 /// batches, drops and session resets), commit/apply at random points; after every apply the
 /// image equals the model at the committed boundary. Also reopens (recovery) now and then.
-fn run_model(seed: u64, storage: Arc<SimStorage>, steps: usize) -> (usize, usize, usize) {
+fn run_model(seed: u64, storage: Arc<SimStorage>, steps: usize) -> (usize, usize, usize, u64) {
     let mut d = Driver::new(seed);
     let mut s = open_sim(&storage, 8 << 10).expect("open");
+    let mut recycled = 0;
     for i in 0..steps {
         d.step(&mut s).unwrap_or_else(|e| panic!("seed {seed} step {i}: {e}"));
         if d.rng.below(40) == 0 {
+            recycled += s.recycled;
             drop(s);
             s = open_sim(&storage, 8 << 10).expect("reopen");
             d.pending.clear();
@@ -344,7 +346,7 @@ fn run_model(seed: u64, storage: Arc<SimStorage>, steps: usize) -> (usize, usize
         }
     }
     assert!(!s.status().poisoned);
-    (d.split_done, d.slices, d.job_wrote)
+    (d.split_done, d.slices, d.job_wrote, recycled + s.recycled)
 }
 
 /// The server's split apply, a block per slice (records not held in memory: at most 8 blocks
@@ -352,17 +354,20 @@ fn run_model(seed: u64, storage: Arc<SimStorage>, steps: usize) -> (usize, usize
 /// its start and its end, and reopens: the model's checks hold, and both ways ran.
 #[test]
 fn split_apply_in_slices_against_model() {
-    let (mut split, mut slices, mut jobs) = (0, 0, 0);
+    let (mut split, mut slices, mut jobs, mut recycled) = (0, 0, 0, 0);
     for seed in 0..16u64 {
-        let (a, b, c) = run_model(seed, Arc::new(SimStorage::new()), 300);
+        let (a, b, c, r) = run_model(seed, Arc::new(SimStorage::new()), 300);
         split += a;
         slices += b;
         jobs += c;
+        recycled += r;
     }
     assert!(
         split > 0 && slices > 0 && jobs > 0,
         "split applies {split}, slices with more to write {slices}, jobs that wrote {jobs}"
     );
+    // Segment files were reused (the reopens above then read recycled segments).
+    assert!(recycled > 0, "no journal segment was started from a spare file");
 }
 
 proptest! {
@@ -409,6 +414,7 @@ fn power_cut_at_every_step() {
     let mut checked = 0usize;
     let mut recovered_past_ack = 0usize;
     let mut double = 0usize;
+    let mut recycled = 0u64;
     for seed in 0..6u64 {
         let steps = 120;
         let total = {
@@ -419,6 +425,7 @@ fn power_cut_at_every_step() {
             for _ in 0..steps {
                 d.step(&mut s).expect("step");
             }
+            recycled += s.recycled;
             st.steps()
         };
         for cut in 0..total {
@@ -485,6 +492,7 @@ fn power_cut_at_every_step() {
     }
     println!("power-cut test: {checked} crash points checked ({double} with a second cut during recovery, {recovered_past_ack} recovered a commit in flight)");
     assert!(checked > 1000);
+    assert!(recycled > 0, "no journal segment was started from a spare file");
 }
 
 fn write_block(
