@@ -292,6 +292,8 @@ pub struct ReplicaStore {
     spares: Vec<u64>,
     /// Segments started from a spare file, since open.
     recycled: u64,
+    /// Whether reclaimed segments are kept as spares (off after running out of space).
+    keep_spares: bool,
     /// This session's batches not yet committed, by id.
     pending: BTreeMap<Epoch, Batch>,
     /// Committed batches not yet applied, in chain order (they cover (applied, committed]).
@@ -421,6 +423,7 @@ impl ReplicaStore {
             segments: BTreeMap::new(),
             spares: Vec::new(),
             recycled: 0,
+            keep_spares: true,
             pending: BTreeMap::new(),
             to_apply: Vec::new(),
             held: 0,

@@ -63,6 +63,12 @@ impl ReplicaStore {
         let path = self.storage.describe(file);
         if is_no_space(&e) {
             self.status.last_error = Some(format!("no space while {what} {}", path.display()));
+            // The spare segment files give their space back, and no more are kept until the
+            // store is opened again.
+            self.keep_spares = false;
+            for seq in std::mem::take(&mut self.spares) {
+                let _ = self.storage.remove(&journal::spare_name(seq));
+            }
             return StoreError::NoSpace { what, path };
         }
         self.poison(format!("{what} {}: {e}", path.display()));
@@ -235,7 +241,8 @@ impl ReplicaStore {
         for seq in dead {
             let name = journal::segment_name(seq);
             let legacy = self.segments.get(&seq).is_some_and(|s| s.legacy);
-            if self.spares.len() < MAX_SPARES && !legacy && self.make_spare(seq) {
+            let keep = self.keep_spares && self.spares.len() < MAX_SPARES && !legacy;
+            if keep && self.make_spare(seq) {
                 self.segments.remove(&seq);
                 continue;
             }

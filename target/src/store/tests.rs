@@ -547,6 +547,52 @@ fn no_space_drops_the_batch_and_recovers() {
     assert!(image(&s) == img);
 }
 
+/// Reclaimed segments are kept as spare files and renamed into new segments; a reopen reads
+/// a reused segment to its end marker (not on into the file's earlier records); running out
+/// of space gives the spares' space back.
+#[test]
+fn segments_are_recycled() {
+    let st = Arc::new(SimStorage::new());
+    let mut s = open_sim(&st, 16 << 10).expect("open");
+    // Each batch is a 4 KiB block plus records: a segment holds three; 40 batches roll many.
+    for id in 1..=40u64 {
+        write_block(&mut s, id, id - 1, id % 8, id as u8, 1).expect("batch");
+        assert_eq!(s.commit().expect("commit"), Some(Epoch(id)));
+        s.apply().expect("apply");
+    }
+    assert!(s.recycled > 10, "only {} segments were started from spares", s.recycled);
+    let spares = || st.files().iter().filter(|f| f.ends_with(".spare")).count();
+    assert!((1..=MAX_SPARES).contains(&spares()), "spares: {:?}", st.files());
+    let img = image(&s);
+    drop(s);
+    let mut s = open_sim(&st, 16 << 10).expect("reopen");
+    assert_eq!(s.meta().committed, Epoch(40));
+    assert!(image(&s) == img);
+    assert!(s.status().last_error.is_none(), "{:?}", s.status().last_error);
+    // After a power cut between appends too.
+    write_block(&mut s, 41, 40, 3, 41, 1).expect("batch 41");
+    assert_eq!(s.commit().expect("commit"), Some(Epoch(41)));
+    write_block(&mut s, 42, 41, 5, 42, 1).expect("batch 42, not committed");
+    let after = Arc::new(st.crash_seeded(42));
+    let s2 = open_sim(&after, 16 << 10).expect("reopen after the cut");
+    assert_eq!(s2.meta().committed, Epoch(41));
+    // Out of space: the spares are removed, and no more are kept.
+    assert_eq!(s.commit().expect("commit"), Some(Epoch(42)));
+    s.apply().expect("apply");
+    assert!(spares() > 0);
+    st.set_quota(Some(st.used()));
+    let big = write_block(&mut s, 43, 42, 0, 43, 8).expect_err("must run out of space");
+    assert!(big.is_no_space(), "{big}");
+    assert_eq!(spares(), 0, "{:?}", st.files());
+    st.set_quota(None);
+    for id in 43..=50u64 {
+        write_block(&mut s, id, id - 1, id % 8, id as u8, 1).expect("batch");
+        assert_eq!(s.commit().expect("commit"), Some(Epoch(id)));
+        s.apply().expect("apply");
+    }
+    assert_eq!(spares(), 0, "{:?}", st.files());
+}
+
 /// Test 3b: ENOSPC on real files is reported as NoSpace (the classification is shared).
 #[test]
 fn enospc_is_no_space() {
