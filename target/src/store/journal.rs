@@ -91,13 +91,17 @@ pub fn spare_name(seq: u64) -> String {
 
 /// The sequence number of a spare file name (without the directory).
 pub fn parse_spare(name: &str) -> Option<u64> {
-    let hex = name.strip_suffix(".spare")?;
-    (hex.len() == 16).then(|| u64::from_str_radix(hex, 16).ok()).flatten()
+    parse_seq(name, ".spare")
 }
 
 /// The sequence number of a segment file name (without the directory).
 pub fn parse_segment(name: &str) -> Option<u64> {
-    let hex = name.strip_suffix(".log")?;
+    parse_seq(name, ".log")
+}
+
+/// `SEQ` of `SEQ{suffix}`, SEQ being 16 hex digits.
+fn parse_seq(name: &str, suffix: &str) -> Option<u64> {
+    let hex = name.strip_suffix(suffix)?;
     (hex.len() == 16).then(|| u64::from_str_radix(hex, 16).ok()).flatten()
 }
 
@@ -375,6 +379,8 @@ mod tests {
         assert!(matches!(d.body, Body::Data { bytes, .. } if bytes == [1, 2, 3, 4]));
         assert_eq!(r.len(), DATA_HEAD + 4);
         assert_eq!(parse_segment("00000000000000ff.log"), Some(255));
+        assert_eq!(parse_spare("00000000000000ff.spare"), Some(255));
+        assert_eq!(parse_spare("00000000000000ff.log"), None);
         assert_eq!(segment_name(255), "journal/00000000000000ff.log");
         // A zero header is the clean end of a segment.
         assert!(matches!(read_header(&END, 4096), Header::Eof));

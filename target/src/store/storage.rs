@@ -5,8 +5,8 @@
 //! File names are relative to the volume's directory: `meta`, `image.raw` and
 //! `journal/SEQ.log`. The contract the crash-ordering comments in `mod.rs` rely on:
 //! `write_at`, `zero` and `set_len` are not durable until `sync` of the same file returns;
-//! `create`, `create_atomic`, `rename` and `remove` are durable when they return (the directory is
-//! synced; `create_atomic` is temp -> fsync -> rename -> fsync(dir)).
+//! `create`, `create_atomic`, `rename` and `remove` are durable when they return (the
+//! directory is synced; `create_atomic` is temp -> fsync -> rename -> fsync(dir)).
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
