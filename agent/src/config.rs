@@ -61,6 +61,8 @@ pub struct Config {
     pub admin: Option<PathBuf>,
     /// This agent's QUIC identity (`blockferry keygen --dir`), needed by replication.
     pub key_dir: Option<PathBuf>,
+    /// Threads of the async runtime (default: [`default_workers`]).
+    pub workers: Option<usize>,
     #[serde(default, rename = "volume")]
     pub volumes: Vec<VolumeConfig>,
 }
@@ -282,6 +284,27 @@ pub enum ConfigError {
     TlsFileMissing { what: &'static str, path: PathBuf },
     #[error("volume {name:?}: [volume.replication] {reason}")]
     Replication { name: String, reason: String },
+    #[error("workers = {0}: between 1 and {MAX_WORKERS}")]
+    Workers(usize),
+}
+
+/// The most runtime threads `workers` may ask for.
+pub const MAX_WORKERS: usize = 64;
+
+/// Runtime threads when the config does not say: half the host's cores, at least one, at most
+/// eight. One thread runs the data path's short tasks without waking a second one for each
+/// (docs/decisions.md, "One runtime thread on small hosts"); the other cores are the VMs'.
+pub fn default_workers() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cores / 2).clamp(1, 8)
+}
+
+/// Checks a `workers` setting.
+pub fn check_workers(n: usize) -> Result<usize, ConfigError> {
+    match n {
+        1..=MAX_WORKERS => Ok(n),
+        _ => Err(ConfigError::Workers(n)),
+    }
 }
 
 impl Config {
@@ -311,6 +334,9 @@ impl Config {
         }
         if self.volumes.is_empty() {
             return Err(ConfigError::NoVolumes);
+        }
+        if let Some(n) = self.workers {
+            check_workers(n)?;
         }
         if let Some(tls) = &self.tls {
             let files = [
@@ -426,6 +452,13 @@ mod tests {
         assert!(matches!(c.validate(), Err(ConfigError::TlsWithoutCert { .. })));
         c.volumes[0].tls = None;
         assert_eq!(c.validate().unwrap().len(), 1);
+        c.workers = Some(0);
+        assert_eq!(c.validate().unwrap_err().to_string(), "workers = 0: between 1 and 64");
+        c.workers = Some(2);
+        assert_eq!(c.validate().unwrap().len(), 1);
+        let parsed = Config::from_toml("workers = 3", Path::new("t.toml")).unwrap();
+        assert_eq!(parsed.workers, Some(3));
+        assert!((1..=8).contains(&default_workers()));
     }
 
     #[test]

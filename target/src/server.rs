@@ -49,6 +49,9 @@ pub struct TargetDaemonConfig {
     pub key_dir: PathBuf,
     #[serde(default)]
     pub admin: Option<PathBuf>,
+    /// Threads of the async runtime (default: half the host's cores, 1 to 8).
+    #[serde(default)]
+    pub workers: Option<usize>,
     #[serde(default, rename = "allow")]
     pub allow: Vec<Allow>,
 }

@@ -66,6 +66,7 @@ fn start_site(
         dir: base.join("dr-site"),
         key_dir: target_keys,
         admin: None,
+        workers: None,
         allow: vec![blockferry_target::server::Allow {
             fingerprint: agent.fingerprint(),
             volumes: None,

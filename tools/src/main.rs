@@ -130,6 +130,9 @@ struct AgentArgs {
     /// Sync mode: a write the target leaves unanswered this long is a disconnect (default 5000).
     #[arg(long, requires = "target")]
     ack_timeout_ms: Option<u64>,
+    /// Threads of the async runtime (default: half the host's cores, 1 to 8).
+    #[arg(long, value_name = "N")]
+    workers: Option<usize>,
 }
 
 impl AgentArgs {
@@ -165,6 +168,9 @@ impl AgentArgs {
         }
         if self.key_dir.is_some() {
             config.key_dir = self.key_dir;
+        }
+        if self.workers.is_some() {
+            config.workers = self.workers;
         }
         let replication = match (self.target, &self.target_fingerprint) {
             (Some(target), Some(fp)) => Some(blockferry_agent::config::ReplicationConfig {
@@ -268,12 +274,13 @@ pub(crate) async fn shutdown_signal() {
     }
 }
 
-/// The agent's runtime. Two workers: the data path is a reader and a writer per connection plus
-/// short request tasks; the disk work runs on the engine's own thread (uring) or the blocking
-/// pool (sync).
-fn runtime() -> Result<tokio::runtime::Runtime> {
+/// The runtime of the agent, the target, the demo and the relay, with `workers` threads. The data
+/// path is a reader and a writer per connection plus short request tasks; large copies hand
+/// their worker to another thread while they run (`block_in_place`), blocking disk work runs on
+/// the blocking pool. See docs/decisions.md, "One runtime thread on small hosts".
+fn runtime(workers: usize) -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(workers)
         .max_blocking_threads(32)
         .thread_keep_alive(std::time::Duration::from_secs(10))
         .enable_all()
@@ -285,7 +292,11 @@ fn run_agent(args: AgentArgs) -> Result<()> {
     init_tracing();
     let no_admin = args.no_admin;
     let config = args.into_config()?;
-    runtime()?.block_on(async {
+    let workers = match config.workers {
+        Some(n) => blockferry_agent::config::check_workers(n)?,
+        None => blockferry_agent::config::default_workers(),
+    };
+    runtime(workers)?.block_on(async {
         config.validate()?;
         let captures = blockferry_agent::repl::captures(&config).map_err(anyhow::Error::msg)?;
         let server = Server::bind_with(&config, captures).await?;
@@ -378,11 +389,11 @@ fn main() -> Result<()> {
         },
         Command::Impair(args) => {
             init_tracing();
-            runtime()?.block_on(impair::main(args))?;
+            runtime(2)?.block_on(impair::main(args))?;
         }
         Command::Demo(args) => {
             init_tracing();
-            runtime()?.block_on(demo::run(args))?;
+            runtime(blockferry_agent::config::default_workers())?.block_on(demo::run(args))?;
         }
         Command::Volume(VolumeCmd::Create { dir, size, block_size, name }) => {
             let size = parse_size(&size).context("--size")?;

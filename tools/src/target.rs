@@ -37,6 +37,9 @@ pub struct TargetArgs {
     /// Serve no admin socket.
     #[arg(long, conflicts_with = "admin")]
     no_admin: bool,
+    /// Threads of the async runtime (default: half the host's cores, 1 to 8).
+    #[arg(long, value_name = "N")]
+    workers: Option<usize>,
 }
 
 /// `FINGERPRINT[:VOL,...]`. A fingerprint may itself contain colons (`sha256:…`, `AB:CD:…`), so
@@ -78,6 +81,7 @@ impl TargetArgs {
                     dir: self.dir.clone().ok_or_else(|| missing("--dir DIR"))?,
                     key_dir: self.key_dir.clone().ok_or_else(|| missing("--key-dir KEYS"))?,
                     admin: None,
+                    workers: None,
                     allow: Vec::new(),
                 }
             }
@@ -93,6 +97,9 @@ impl TargetArgs {
         }
         if self.admin.is_some() {
             cfg.admin = self.admin;
+        }
+        if self.workers.is_some() {
+            cfg.workers = self.workers;
         }
         // Absolute, so the replica paths `status` shows are usable from anywhere.
         cfg.dir = std::path::absolute(&cfg.dir)
@@ -127,8 +134,12 @@ pub fn run(args: TargetArgs) -> Result<()> {
     }
     let identity = Identity::load(&key_dir)
         .with_context(|| format!("the target's key pair in {}", key_dir.display()))?;
+    let workers = match cfg.workers {
+        Some(n) => blockferry_agent::config::check_workers(n)?,
+        None => blockferry_agent::config::default_workers(),
+    };
     crate::init_tracing();
-    crate::runtime()?.block_on(async {
+    crate::runtime(workers)?.block_on(async {
         let server = TargetServer::bind(cfg).map_err(|e| anyhow!(e))?;
         let addr = server.local_addr().context("the QUIC endpoint's address")?;
         let admin = match &admin_path {

@@ -41,6 +41,9 @@ const BUDGET_UNITS: u32 = 16 * 1024;
 /// Payloads up to this size are copied into the writer's batch buffer; larger ones are sent
 /// from their own buffer by a vectored write.
 const COPY_MAX: usize = 16 * 1024;
+/// Replies carrying at least this many payload bytes are written with the worker handed to
+/// another thread meanwhile (`block_in_place`).
+const OFFLOAD_MIN: usize = 256 * 1024;
 /// Most replies written in one batch.
 const BATCH_MAX: usize = 256;
 /// Most block status descriptors per reply (the spec lets the server describe less than asked).
@@ -776,7 +779,17 @@ async fn write_replies<W: AsyncWrite + Unpin>(
             encode(cookie, body, structured, &mut out, &mut big);
             permits.push(_permit);
         }
-        write_all_vectored(&mut w, &out, &big).await?;
+        let big_bytes: usize = big.iter().map(|(_, b)| b.as_slice().len()).sum();
+        if big_bytes >= OFFLOAD_MIN
+            && tokio::runtime::Handle::current().runtime_flavor()
+                == tokio::runtime::RuntimeFlavor::MultiThread
+        {
+            tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current().block_on(write_all_vectored(&mut w, &out, &big))
+            })?;
+        } else {
+            write_all_vectored(&mut w, &out, &big).await?;
+        }
         w.flush().await?;
         out.clear();
         big.clear();

@@ -42,6 +42,7 @@ async fn start(
         tls: None,
         admin: None,
         key_dir: None,
+        workers: None,
         volumes: vec![vc],
     };
     if let Some((t, mode)) = tls {
