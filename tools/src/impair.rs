@@ -909,6 +909,12 @@ mod tests {
     /// An upstream socket and a config relaying to it.
     async fn upstream() -> (UdpSocket, ImpairConfig) {
         let up = UdpSocket::bind(localhost()).await.unwrap();
+        // Room for a whole test's datagrams (4000 of 200 bytes take about 4 MiB of socket
+        // memory): with Linux's default 208 KiB, a collector not scheduled for a few ms while
+        // other tests ran lost ~100 datagrams in the kernel, which the relay did not drop.
+        // The kernel caps the size at net.core.rmem_max; root may exceed it with FORCE.
+        let _ = rustix::net::sockopt::set_socket_recv_buffer_size_force(&up, 8 << 20)
+            .or_else(|_| rustix::net::sockopt::set_socket_recv_buffer_size(&up, 8 << 20));
         let cfg = ImpairConfig::new(localhost(), up.local_addr().unwrap());
         (up, cfg)
     }
