@@ -277,8 +277,13 @@ pub(crate) async fn shutdown_signal() {
 /// The runtime of the agent, the target, the demo and the relay, with `workers` threads. The data
 /// path is a reader and a writer per connection plus short request tasks; large copies hand
 /// their worker to another thread while they run (`block_in_place`), blocking disk work runs on
-/// the blocking pool. See docs/decisions.md, "One runtime thread on small hosts".
-fn runtime(workers: usize) -> Result<tokio::runtime::Runtime> {
+/// the blocking pool. `None`: the default count. See docs/decisions.md, "One runtime thread on
+/// small hosts".
+fn runtime(workers: Option<usize>) -> Result<tokio::runtime::Runtime> {
+    let workers = match workers {
+        Some(n) => blockferry_agent::config::check_workers(n)?,
+        None => blockferry_agent::config::default_workers(),
+    };
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
         .max_blocking_threads(32)
@@ -292,11 +297,7 @@ fn run_agent(args: AgentArgs) -> Result<()> {
     init_tracing();
     let no_admin = args.no_admin;
     let config = args.into_config()?;
-    let workers = match config.workers {
-        Some(n) => blockferry_agent::config::check_workers(n)?,
-        None => blockferry_agent::config::default_workers(),
-    };
-    runtime(workers)?.block_on(async {
+    runtime(config.workers)?.block_on(async {
         config.validate()?;
         let captures = blockferry_agent::repl::captures(&config).map_err(anyhow::Error::msg)?;
         let server = Server::bind_with(&config, captures).await?;
@@ -389,11 +390,11 @@ fn main() -> Result<()> {
         },
         Command::Impair(args) => {
             init_tracing();
-            runtime(2)?.block_on(impair::main(args))?;
+            runtime(Some(2))?.block_on(impair::main(args))?;
         }
         Command::Demo(args) => {
             init_tracing();
-            runtime(blockferry_agent::config::default_workers())?.block_on(demo::run(args))?;
+            runtime(None)?.block_on(demo::run(args))?;
         }
         Command::Volume(VolumeCmd::Create { dir, size, block_size, name }) => {
             let size = parse_size(&size).context("--size")?;

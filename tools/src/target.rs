@@ -134,12 +134,8 @@ pub fn run(args: TargetArgs) -> Result<()> {
     }
     let identity = Identity::load(&key_dir)
         .with_context(|| format!("the target's key pair in {}", key_dir.display()))?;
-    let workers = match cfg.workers {
-        Some(n) => blockferry_agent::config::check_workers(n)?,
-        None => blockferry_agent::config::default_workers(),
-    };
     crate::init_tracing();
-    crate::runtime(workers)?.block_on(async {
+    crate::runtime(cfg.workers)?.block_on(async {
         let server = TargetServer::bind(cfg).map_err(|e| anyhow!(e))?;
         let addr = server.local_addr().context("the QUIC endpoint's address")?;
         let admin = match &admin_path {

@@ -779,14 +779,12 @@ async fn write_replies<W: AsyncWrite + Unpin>(
             encode(cookie, body, structured, &mut out, &mut big);
             permits.push(_permit);
         }
-        let big_bytes: usize = big.iter().map(|(_, b)| b.as_slice().len()).sum();
+        let big_bytes: usize = big.iter().map(|(_, b)| b.len()).sum();
+        let rt = tokio::runtime::Handle::current();
         if big_bytes >= OFFLOAD_MIN
-            && tokio::runtime::Handle::current().runtime_flavor()
-                == tokio::runtime::RuntimeFlavor::MultiThread
+            && rt.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
         {
-            tokio::task::block_in_place(|| {
-                tokio::runtime::Handle::current().block_on(write_all_vectored(&mut w, &out, &big))
-            })?;
+            tokio::task::block_in_place(|| rt.block_on(write_all_vectored(&mut w, &out, &big)))?;
         } else {
             write_all_vectored(&mut w, &out, &big).await?;
         }
