@@ -266,9 +266,9 @@ async fn transmission<S: Transport>(
     });
     let (mut reader, writer) = stream.split();
     let (tx, rx) = mpsc::unbounded_channel();
-    let writer = tokio::spawn(write_replies(writer, rx, n.structured_replies));
-    stats.connections.fetch_add(1, Relaxed);
     let budget = Arc::new(Semaphore::new(BUDGET_UNITS as usize));
+    let writer = tokio::spawn(write_replies(writer, rx, n.structured_replies, budget.clone()));
+    stats.connections.fetch_add(1, Relaxed);
     let result =
         read_requests(&mut reader, &mut rbuf, &params, &ctx, &tx, &budget, &mut stop).await;
     // Stop reading; in-flight requests hold clones of `tx`: the writer ends after their
@@ -762,25 +762,29 @@ async fn write_replies<W: AsyncWrite + Unpin>(
     mut w: W,
     mut rx: mpsc::UnboundedReceiver<Reply>,
     structured: bool,
+    budget: Arc<Semaphore>,
 ) -> io::Result<()> {
     let mut out = BytesMut::new();
     let mut big = Vec::new();
     let mut batch = Vec::new();
     let mut permits = Vec::new();
+    let rt = tokio::runtime::Handle::current();
     while let Some(first) = rx.recv().await {
         batch.push(first);
-        while batch.len() < BATCH_MAX {
-            match rx.try_recv() {
-                Ok(r) => batch.push(r),
-                Err(_) => break,
-            }
+        drain(&mut rx, &mut batch);
+        if others_in_flight(&budget, &batch) {
+            // Requests answered together (a sync `Durable` covering several writes, a batch
+            // of io_uring completions) wake their tasks one by one, and this writer, woken by
+            // the first, would run before the others had queued their replies: one send per
+            // reply. Yielding once lets the tasks already woken queue theirs first.
+            tokio::task::yield_now().await;
+            drain(&mut rx, &mut batch);
         }
         for Reply { cookie, body, _permit } in batch.drain(..) {
             encode(cookie, body, structured, &mut out, &mut big);
             permits.push(_permit);
         }
         let big_bytes: usize = big.iter().map(|(_, b)| b.len()).sum();
-        let rt = tokio::runtime::Handle::current();
         if big_bytes >= OFFLOAD_MIN
             && rt.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
         {
@@ -794,6 +798,28 @@ async fn write_replies<W: AsyncWrite + Unpin>(
         permits.clear(); // releases the budget of these requests
     }
     w.shutdown().await
+}
+
+/// Adds what is queued to `batch`, up to [`BATCH_MAX`] replies.
+fn drain(rx: &mut mpsc::UnboundedReceiver<Reply>, batch: &mut Vec<Reply>) {
+    while batch.len() < BATCH_MAX {
+        match rx.try_recv() {
+            Ok(r) => batch.push(r),
+            Err(_) => break,
+        }
+    }
+}
+
+/// Whether requests other than those of `batch` hold budget: executing, or their replies
+/// not queued yet.
+fn others_in_flight(budget: &Semaphore, batch: &[Reply]) -> bool {
+    if batch.len() >= BATCH_MAX {
+        return false;
+    }
+    let held = BUDGET_UNITS as usize - budget.available_permits();
+    let mine: usize =
+        batch.iter().filter_map(|r| r._permit.as_ref()).map(|p| p.num_permits()).sum();
+    held > mine
 }
 
 async fn write_all_vectored<W: AsyncWrite + Unpin>(
