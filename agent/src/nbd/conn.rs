@@ -811,9 +811,12 @@ fn drain(rx: &mut mpsc::UnboundedReceiver<Reply>, batch: &mut Vec<Reply>) {
 }
 
 /// Whether requests other than those of `batch` hold budget: executing, or their replies
-/// not queued yet.
+/// not queued yet. Not asked for a batch that carries a large read: its send is mostly the
+/// copy, and yielding would let the other reads' copies run first and hold it back.
 fn others_in_flight(budget: &Semaphore, batch: &[Reply]) -> bool {
-    if batch.len() >= BATCH_MAX {
+    let large =
+        |r: &Reply| matches!(&r.body, Body::Data { buf, .. } if buf.len() >= BIG_PAYLOAD as usize);
+    if batch.len() >= BATCH_MAX || batch.iter().any(large) {
         return false;
     }
     let held = BUDGET_UNITS as usize - budget.available_permits();
